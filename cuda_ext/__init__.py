@@ -1,0 +1,1 @@
+"""moepager cuda_ext."""

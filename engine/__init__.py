@@ -1,0 +1,1 @@
+"""moepager engine."""
