@@ -1,0 +1,56 @@
+"""Engine configuration: one frozen dataclass built once at the edge (CLI, HTTP, Python API)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.errors import MoepagerError
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+SCOPES = ("layer", "global")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # None: the embedded default model
+    device: str = "auto"
+    dtype: str = "float32"
+    expert_slots: int | None = None  # slots across all MoE layers; None with no GB budget: all experts
+    expert_cache_gb: float | None = None
+    cache_scope: str = "layer"
+    cache_policy: str = "lru"
+    prefetch: str = "none"
+    prefetch_lookahead: int = 1
+    predictor_path: str | None = None
+    prefetch_budget_mb: float | None = None
+    cache_aware_routing: float | None = None
+    record_trace: str | None = None
+    emulate_link_gbps: float | None = None
+    emulate_link_latency_us: float = 0.0
+    max_model_len: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise MoepagerError(f"--dtype: unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.device not in DEVICES:
+            raise MoepagerError(f"--device: unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
+        if self.cache_scope not in SCOPES:
+            raise MoepagerError(f"--cache-scope: must be one of {', '.join(SCOPES)}, got {self.cache_scope!r}")
+        if self.expert_slots is not None and self.expert_cache_gb is not None:
+            raise MoepagerError("--expert-slots and --expert-cache-gb are exclusive; give one")
+        if self.expert_slots is not None and self.expert_slots < 1:
+            raise MoepagerError(f"--expert-slots must be a positive integer, got {self.expert_slots}")
+        if self.expert_cache_gb is not None and self.expert_cache_gb <= 0:
+            raise MoepagerError(f"--expert-cache-gb must be positive, got {self.expert_cache_gb}")
+        if self.prefetch_lookahead < 1:
+            raise MoepagerError(f"--prefetch-lookahead must be >= 1, got {self.prefetch_lookahead}")
+        if self.prefetch_budget_mb is not None and self.prefetch_budget_mb < 0:
+            raise MoepagerError(f"--prefetch-budget-mb must be >= 0, got {self.prefetch_budget_mb}")
+        if self.cache_aware_routing is not None and self.cache_aware_routing < 0:
+            raise MoepagerError(f"--cache-aware-routing must be >= 0, got {self.cache_aware_routing}")
+        if self.emulate_link_gbps is not None and self.emulate_link_gbps <= 0:
+            raise MoepagerError(f"--emulate-link-gbps must be positive, got {self.emulate_link_gbps}")
+        if self.emulate_link_latency_us < 0:
+            raise MoepagerError(f"--emulate-link-latency-us must be >= 0, got {self.emulate_link_latency_us}")

@@ -1,0 +1,100 @@
+"""Flags shared by every command that takes them: one name, one meaning everywhere."""
+
+from __future__ import annotations
+
+import argparse
+
+from cache.base import policy_names
+from engine.config import DEVICES, DTYPES, SCOPES, EngineConfig
+from prefetch.base import predictor_names
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0 or value != value:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="local Hugging Face folder (default: the embedded model)")
+
+
+def add_device_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=DEVICES, help="cpu, cuda, or auto (cuda when present)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+
+
+def add_cache_flags(p: argparse.ArgumentParser, *, live: bool = True) -> None:
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--expert-slots", type=_positive_int, default=None,
+                        help="expert slots across all MoE layers (split evenly with --cache-scope layer)")
+    budget.add_argument("--expert-cache-gb", type=_positive_float, default=None,
+                        help="device memory for expert slots, in GB")
+    p.add_argument("--cache-scope", default="layer", choices=SCOPES)
+    p.add_argument("--cache-policy", default="lru", choices=policy_names(online_only=live))
+
+
+def add_prefetch_flags(p: argparse.ArgumentParser, *, live: bool = True) -> None:
+    p.add_argument("--prefetch", default="none", choices=predictor_names(online_only=live))
+    p.add_argument("--prefetch-lookahead", type=_positive_int, default=1, help="how many layers ahead to predict")
+    p.add_argument("--predictor-path", default=None, help="trained predictor (.safetensors) for --prefetch learned")
+    p.add_argument("--prefetch-budget-mb", type=_non_negative_float, default=None,
+                   help="bytes of prefetch copies in flight, in MB (default: 1/4 of the slot memory)")
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """Everything an Engine needs: model, device, cache, prefetch, routing, trace, link emulation."""
+    add_model_flags(p)
+    add_device_flags(p)
+    add_cache_flags(p)
+    add_prefetch_flags(p)
+    p.add_argument("--cache-aware-routing", type=_non_negative_float, default=None, metavar="DELTA",
+                   help="substitute a resident expert whose router score is within DELTA (relative); changes outputs")
+    p.add_argument("--record-trace", default=None, metavar="PATH", help="record routing to a trace file")
+    p.add_argument("--emulate-link-gbps", type=_positive_float, default=None,
+                   help="CPU device only: emulate a host-to-device link of this bandwidth")
+    p.add_argument("--emulate-link-latency-us", type=_non_negative_float, default=0.0,
+                   help="CPU device only: per-copy latency of the emulated link")
+
+
+def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:
+    fields = dict(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        expert_slots=args.expert_slots,
+        expert_cache_gb=args.expert_cache_gb,
+        cache_scope=args.cache_scope,
+        cache_policy=args.cache_policy,
+        prefetch=args.prefetch,
+        prefetch_lookahead=args.prefetch_lookahead,
+        predictor_path=args.predictor_path,
+        prefetch_budget_mb=args.prefetch_budget_mb,
+        cache_aware_routing=args.cache_aware_routing,
+        record_trace=args.record_trace,
+        emulate_link_gbps=args.emulate_link_gbps,
+        emulate_link_latency_us=args.emulate_link_latency_us,
+    )
+    fields.update(overrides)
+    return EngineConfig(**fields)
