@@ -154,6 +154,12 @@ class ExpertCache:
         self.policy.on_evict(key)
         return slot
 
+    def start_request(self, request_id: object = None) -> None:
+        """A new request begins: forwarded to policies that track requests (``on_request_start``)."""
+        hook = getattr(self.policy, "on_request_start", None)
+        if hook is not None:
+            hook(request_id)
+
     def set_policy(self, policy: EvictionPolicy) -> None:
         """Swap the policy at run time; the new one learns the resident set as fresh inserts."""
         self.policy = policy
