@@ -1,0 +1,119 @@
+"""A transformers KV cache seen as rows of left-padded sequences that can join and leave.
+
+Design
+- Every row of the cache has the same length L: shorter sequences are left-padded, and a
+  2D attention mask ``[B, L]`` (1 real, 0 padding) travels with the cache. transformers builds
+  the causal and sliding-window masks from cache indices plus this 2D mask, and RoPE from the
+  explicit position_ids, so left padding is invisible to the math.
+- Joining rows: each layer's key/value tensors are left-padded along the sequence dim (-2) to
+  the longer side and concatenated along the batch dim (0). This is generic over what a layer
+  stores (MLA latents, different key and value widths). A sliding-window layer keeps only its
+  last ``window - 1`` positions; the side that keeps fewer kept its whole history, so left
+  padding stays a prefix of padding and the window arithmetic holds.
+- Leaving rows: select along the batch dim, then cut leading columns that are padding in every
+  remaining row, so the cache does not keep the length of the longest sequence ever seen.
+- Only layer types whose whole state is ``keys``/``values`` (+ ``cumulative_length``) are
+  handled; ``is_mergeable`` says so, and the generation loop falls back to re-prefilling the
+  batch for anything else rather than risk wrong output.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+# Exact types: subclasses (indexer caches, linear attention, quantized) carry more state.
+_MERGEABLE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
+
+
+def is_mergeable(cache: DynamicCache) -> bool:
+    """True if every layer of ``cache`` keeps only keys/values that can be row-merged here."""
+    if type(cache) is not DynamicCache or getattr(cache, "offloading", False):
+        return False
+    for layer in cache.layers:
+        if type(layer) not in _MERGEABLE_LAYERS or getattr(layer, "record_past", False):
+            return False
+    return True
+
+
+class BatchKV:
+    """A ``DynamicCache`` of B left-padded rows plus their attention mask ``[B, L]``."""
+
+    def __init__(self, cache: DynamicCache, mask: torch.Tensor) -> None:
+        self.cache = cache
+        self.mask = mask  # [B, L] int64, 1 for real tokens
+
+    @property
+    def num_rows(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+    def select(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (in that order), then drop leading all-padding columns."""
+        if rows == list(range(self.num_rows)):
+            return
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        self.mask = self.mask.index_select(0, index)
+        if not is_mergeable(self.cache):
+            # Unknown layer types: transformers' own row selection, no trimming.
+            self.cache.batch_select_indices(index)
+            return
+        for layer in self.cache.layers:
+            if layer.is_initialized and layer.keys.numel() > 0:
+                layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))
+                layer.values = layer.values.index_select(0, index.to(layer.values.device))
+        self._trim_left()
+
+    def _trim_left(self) -> None:
+        real_cols = self.mask.any(dim=0)  # [L]
+        # sync: how many columns to cut is a host-side shape decision
+        first = int(real_cols.int().argmax().item()) if self.num_rows else self.length
+        if first == 0:
+            return
+        new_length = self.length - first
+        self.mask = self.mask[:, first:]
+        for layer in self.cache.layers:
+            if not layer.is_initialized or layer.keys.numel() == 0:
+                continue
+            # A full layer keeps L positions, a sliding one min(L, window - 1): both become
+            # min(kept, new_length), counted from the right.
+            kept = layer.keys.shape[-2]
+            keep = min(kept, new_length)
+            layer.keys = layer.keys[..., kept - keep :, :]
+            layer.values = layer.values[..., kept - keep :, :]
+            if hasattr(layer, "cumulative_length"):
+                layer.cumulative_length -= first
+
+    def merge(self, other: BatchKV) -> None:
+        """Append ``other``'s rows after this batch's rows (``other`` must not be used afterwards)."""
+        length = max(self.length, other.length)
+        self.mask = torch.cat([_left_pad(self.mask, length), _left_pad(other.mask, length)], dim=0)
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            if not mine.is_initialized and not theirs.is_initialized:
+                continue
+            if not (mine.is_initialized and theirs.is_initialized):
+                raise RuntimeError("cannot merge a KV cache layer that only one side has filled")
+            for name in ("keys", "values"):
+                a, b = getattr(mine, name), getattr(theirs, name)
+                width = max(a.shape[-2], b.shape[-2])
+                setattr(mine, name, torch.cat([_left_pad_seq(a, width), _left_pad_seq(b, width)], dim=0))
+            if hasattr(mine, "cumulative_length"):
+                mine.cumulative_length = max(mine.cumulative_length, theirs.cumulative_length)
+
+
+def _left_pad(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """``[B, l] -> [B, length]`` with zeros on the left."""
+    return F.pad(mask, (length - mask.shape[1], 0), value=0)
+
+
+def _left_pad_seq(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad dim -2 (the sequence dim of a cache tensor) on the left up to ``length``."""
+    missing = length - x.shape[-2]
+    if missing == 0:
+        return x
+    return F.pad(x, (0, 0, missing, 0), value=0.0)
