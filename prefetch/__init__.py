@@ -2,4 +2,12 @@
 
 from prefetch.base import Predictor, build_predictor, predictor_names, register_predictor
 
+# Importing the predictor modules registers them.
+from prefetch import eam as _eam  # noqa: F401,E402
+from prefetch import freq as _freq  # noqa: F401,E402
+from prefetch import learned as _learned  # noqa: F401,E402
+from prefetch import oracle as _oracle  # noqa: F401,E402
+from prefetch import pregate as _pregate  # noqa: F401,E402
+from prefetch import prev as _prev  # noqa: F401,E402
+
 __all__ = ["Predictor", "build_predictor", "predictor_names", "register_predictor"]
