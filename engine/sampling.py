@@ -48,7 +48,7 @@ class SamplingParams:
             if not _is_int(t) or t < 0:
                 raise ValueError(f"stop_token_ids must be non-negative integers, got {t!r}")
         if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
+            raise ValueError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}")  # noqa: TRY004 - HTTP 400
 
     @property
     def greedy(self) -> bool:
