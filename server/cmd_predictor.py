@@ -1,0 +1,187 @@
+"""`moepager predictor train|eval`: fit the learned expert predictor on traces and score it.
+
+Both commands score the same way (prefetch.training.evaluate) beside the two
+baselines, on decode rows when the trace has any (prefill touches nearly every
+expert anyway), so ``eval`` on the training trace with the same ``--holdout``
+reproduces the held-out numbers ``train`` stored in the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.flags import _positive_int
+
+PHASES = ("decode", "all")
+
+
+@dataclass
+class Routing:
+    """The arrays of one or more traces, concatenated (request ids made distinct per file)."""
+
+    experts: np.ndarray  # [N, L, K]
+    request: np.ndarray  # [N]
+    phase: np.ndarray  # [N]
+    num_experts: int
+    hidden: np.ndarray | None = None  # [N, L, H]
+
+    def take(self, rows: np.ndarray) -> Routing:
+        return Routing(self.experts[rows], self.request[rows], self.phase[rows], self.num_experts,
+                       None if self.hidden is None else self.hidden[rows])
+
+
+def load_routing(paths: list[str], *, hidden: bool = False) -> Routing:
+    """Read traces with the traces/ reader; all must come from the same model shape."""
+    from traces.format import load_trace
+
+    parts, offset, shape = [], 0, None
+    for path in paths:
+        t = load_trace(path, hidden=hidden)
+        this = (t.num_layers, t.top_k, t.num_experts)
+        if shape is not None and this != shape:
+            raise ValueError(f"{path}: (layers, top_k, experts) = {this} differs from the first trace's {shape}")
+        shape = this
+        req = t.request.astype(np.int64)
+        if len(req):
+            req = req - req.min() + offset
+            offset = int(req.max()) + 1
+        parts.append((t.experts, req, t.phase, t.hidden if hidden else None))
+    if hidden and any(p[3] is None for p in parts):
+        raise ValueError("--use-hidden: a trace has no hidden states (record with hidden states, or drop the flag)")
+    return Routing(
+        experts=np.concatenate([p[0] for p in parts]).astype(np.int64),
+        request=np.concatenate([p[1] for p in parts]),
+        phase=np.concatenate([p[2] for p in parts]),
+        num_experts=shape[2],
+        hidden=np.concatenate([p[3] for p in parts]) if hidden else None,
+    )
+
+
+def scored_rows(routing: Routing, phase: str) -> np.ndarray:
+    if phase == "decode" and (routing.phase == 1).any():
+        return routing.phase == 1
+    return np.ones(len(routing.request), dtype=bool)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("predictor", help="train and evaluate the learned expert predictor",
+                              description="Train the learned expert predictor on routing traces and "
+                                          "score it beside the previous-token and frequency baselines.")
+    sub = p.add_subparsers(dest="predictor_command", required=True, metavar="SUBCOMMAND")
+
+    t = sub.add_parser("train", help="train a predictor on traces",
+                       description="Train on the first requests of the traces, report precision/recall/F1 "
+                                   "per lookahead distance on the held-out last requests, and save.")
+    t.add_argument("traces", nargs="+", metavar="TRACE", help="trace files (.safetensors)")
+    t.add_argument("--out", required=True, metavar="PRED", help="output predictor file (.safetensors)")
+    t.add_argument("--lookahead", type=_positive_int, default=2, help="layers ahead to predict (default 2)")
+    t.add_argument("--epochs", type=_positive_int, default=5)
+    t.add_argument("--holdout", type=float, default=0.2,
+                   help="fraction of requests (the last ones) held out for evaluation (default 0.2; 0: none)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--lr", type=float, default=0.05)
+    t.add_argument("--use-hidden", action="store_true", help="also learn from the traces' hidden states")
+    t.add_argument("--phase", default="decode", choices=PHASES,
+                   help="rows scored: decode rows (default, when the trace has any) or all")
+    t.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    t.set_defaults(run=run_train)
+
+    e = sub.add_parser("eval", help="score a trained predictor on a trace",
+                       description="Precision, recall and F1 per lookahead distance, beside the baselines.")
+    e.add_argument("predictor", metavar="PRED", help="trained predictor file")
+    e.add_argument("--trace", required=True, action="append", metavar="TRACE", help="trace file (repeatable)")
+    e.add_argument("--holdout", type=float, default=0.0,
+                   help="score only the last fraction of requests (as train --holdout does; default 0: all)")
+    e.add_argument("--lookahead", type=_positive_int, default=None, help="default: the predictor's")
+    e.add_argument("--phase", default="decode", choices=PHASES)
+    e.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    e.set_defaults(run=run_eval)
+    return p
+
+
+def _table(results: dict, out) -> None:
+    names = list(results)
+    print(f"{'d':>2}  " + "  ".join(f"{n + ' P/R/F1':>22}" for n in names), file=out)
+    for d in results[names[0]]:
+        cells = [results[n][d] for n in names]
+        print(f"{d:>2}  " + "  ".join(f"{c['precision']:6.3f} {c['recall']:6.3f} {c['f1']:6.3f}   " for c in cells),
+              file=out)
+
+
+def _jsonable(results: dict) -> dict:
+    return {name: {str(d): v for d, v in per_d.items()} for name, per_d in results.items()}
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from prefetch.training import compare, holdout_split, train_learned
+
+    out = sys.stderr if args.json else sys.stdout
+    routing = load_routing(args.traces, hidden=args.use_hidden)
+    n, layers, top_k = routing.experts.shape
+    if args.lookahead >= layers:
+        raise ValueError(f"--lookahead {args.lookahead} needs more than {layers} MoE layers")
+    held = holdout_split(routing.request, args.holdout)
+    train, test = routing.take(~held), routing.take(held)
+    print(f"training on {int((~held).sum())} rows ({len(np.unique(train.request))} requests), "
+          f"holding out {int(held.sum())} rows ({len(np.unique(test.request))} requests); "
+          f"{layers} MoE layers, {routing.num_experts} experts, top-{top_k}, lookahead {args.lookahead}", file=out)
+
+    def progress(info: dict) -> None:
+        print(f"epoch {info['epoch']}/{info['epochs']}  loss {info['loss']:.4f}  ({info['seconds']:.1f} s)",
+              file=out, flush=True)
+
+    t0 = time.perf_counter()
+    model = train_learned(train.experts, train.request, routing.num_experts, args.lookahead, epochs=args.epochs,
+                          lr=args.lr, seed=args.seed, phase=train.phase, hidden=train.hidden, progress=progress)
+    results = None
+    if len(test.request):
+        results = compare(model, test.experts, test.request, args.lookahead, phase=test.phase,
+                          hidden=test.hidden, rows=scored_rows(test, args.phase))
+        print(f"held-out ({args.phase} rows):", file=out)
+        _table(results, out)
+    model.meta = {
+        "heldout": None if results is None else {str(d): v for d, v in results["learned"].items()},
+        "baselines": None if results is None else _jsonable({k: results[k] for k in ("prev", "freq")}),
+        "train": dict(traces=[os.path.basename(p) for p in args.traces], rows=int((~held).sum()),
+                      heldout_rows=int(held.sum()), holdout=args.holdout, epochs=args.epochs, seed=args.seed,
+                      lr=args.lr, phase=args.phase, seconds=round(time.perf_counter() - t0, 2)),
+    }
+    model.save(args.out)
+    print(f"saved {args.out}", file=out)
+    if args.json:
+        print(json.dumps(dict(predictor=args.out, lookahead=args.lookahead,
+                              results=None if results is None else _jsonable(results))))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from prefetch.learned import LearnedModel
+    from prefetch.training import compare, holdout_split
+
+    out = sys.stderr if args.json else sys.stdout
+    model = LearnedModel.load(args.predictor)
+    routing = load_routing(args.trace, hidden=bool(model.hidden_size))
+    n, layers, top_k = routing.experts.shape
+    if (layers, top_k, routing.num_experts) != (model.num_layers, model.top_k, model.num_experts):
+        raise ValueError(f"trace has (layers, top_k, experts) = {(layers, top_k, routing.num_experts)}, the "
+                         f"predictor was trained for {(model.num_layers, model.top_k, model.num_experts)}")
+    lookahead = model.lookahead if args.lookahead is None else args.lookahead
+    if lookahead > model.lookahead:
+        raise ValueError(f"--lookahead {lookahead}: the predictor was trained for {model.lookahead}")
+    if args.holdout:
+        routing = routing.take(holdout_split(routing.request, args.holdout))
+    results = compare(model, routing.experts, routing.request, lookahead, phase=routing.phase,
+                      hidden=routing.hidden, rows=scored_rows(routing, args.phase))
+    print(f"{args.predictor} on {len(routing.request)} rows ({args.phase} rows scored):", file=out)
+    _table(results, out)
+    if args.json:
+        print(json.dumps(dict(predictor=args.predictor, traces=args.trace, rows=int(len(routing.request)),
+                              lookahead=lookahead, results=_jsonable(results))))
+    return 0
