@@ -1,0 +1,309 @@
+"""The offline simulator: replay a trace through the engine's own cache, policy and planner.
+
+Design: ``ExpertCache``, the policy objects and ``PrefetchPlanner`` are the very
+ones the engine runs, so a hit rate measured here is the hit rate the engine
+gets on the same routing. The simulator adds only what the engine gets from
+hardware: a step order (rows grouped by the trace's ``step`` field, as the
+engine batched them, or one row per step) and, optionally, a clock: a
+:class:`~traces.link.CopyEngine` for the host link and a fixed compute time per
+layer, from which stall per token and tokens/s follow.
+
+Step numbering is the engine's: one cache step per (forward, layer) access. The
+unique experts of every (step, layer) are precomputed with numpy, so the inner
+loop is plain Python over int lists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from cache.base import ExpertKey, build_policy
+from cache.capacity import split_capacity
+from cache.manager import ExpertCache
+from prefetch.base import build_predictor
+from prefetch.planner import PrefetchPlanner
+from traces.format import Trace
+from traces.link import CopyEngine
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    policy: str = "lru"
+    capacities: tuple[int, ...] = ()  # one per layer (scope layer) or one (scope global)
+    scope: str = "layer"
+    prefetch: str = "none"
+    prefetch_lookahead: int = 1
+    predictor_path: str | None = None
+    prefetch_budget_bytes: int | None = None  # None: a quarter of the slot memory
+    expert_bytes: int | None = None
+    link_gbps: float | None = None  # GB/s (1e9 bytes per second)
+    link_latency_us: float = 0.0
+    layer_compute_us: float = 0.0
+    per_token: bool = False
+    policy_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SimResult:
+    policy: str
+    hits: int
+    accesses: int
+    experts_moved: int
+    bytes_moved: int | None
+    tokens: int
+    steps: int
+    per_layer_hit_rate: list[float]
+    prefetch: dict[str, int]
+    stall_seconds: float | None = None
+    total_seconds: float | None = None
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.accesses if self.accesses else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(
+            policy=self.policy, hit_rate=self.hit_rate, hits=self.hits, accesses=self.accesses,
+            bytes_moved=self.bytes_moved, experts_moved=self.experts_moved, tokens=self.tokens,
+            steps=self.steps, per_layer_hit_rate=self.per_layer_hit_rate, prefetch=self.prefetch,
+        )
+        if self.stall_seconds is not None:
+            out["stall_seconds_per_token"] = self.stall_seconds / max(self.tokens, 1)
+            out["tokens_per_second"] = self.tokens / self.total_seconds if self.total_seconds else float("inf")
+        return out
+
+
+# -- preparing the replay ------------------------------------------------------------------
+@dataclass
+class Schedule:
+    """The trace cut into steps: rows per step, unique sorted experts per (step, layer), request starts."""
+
+    rows: list[np.ndarray]
+    experts: list[list[list[int]]]
+    request_starts: list[list[int]]
+
+
+def build_schedule(trace: Trace, per_token: bool = False) -> Schedule:
+    experts = trace.experts
+    n = trace.num_rows
+    if per_token or trace.step is None or n == 0:
+        bounds = np.arange(n + 1)
+    else:
+        bounds = np.concatenate(([0], np.flatnonzero(np.diff(trace.step)) + 1, [n]))
+    if len(bounds) - 1 == n:  # one row per step: sort each row, dedupe only if needed
+        srt = np.sort(experts, axis=2)
+        if n and (np.diff(srt, axis=2) == 0).any():
+            steps = [[sorted(set(r)) for r in row] for row in srt.tolist()]
+        else:
+            steps = srt.tolist()
+        rows = [np.array([i]) for i in range(n)]
+    else:
+        steps, rows = [], []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            block = experts[a:b]  # [T, L, K]
+            steps.append([np.unique(block[:, layer]).tolist() for layer in range(trace.num_layers)])
+            rows.append(np.arange(a, b))
+    # Requests begin in the step holding their first row.
+    starts: list[list[int]] = [[] for _ in steps]
+    if n:
+        _, first = np.unique(trace.request, return_index=True)
+        step_of_row = np.repeat(np.arange(len(steps)), np.diff(bounds))
+        for row in sorted(first.tolist()):
+            starts[int(step_of_row[row])].append(int(trace.request[row]))
+    return Schedule(rows=rows, experts=steps, request_starts=starts)
+
+
+def future_accesses(schedule: Schedule) -> list[tuple[int, ExpertKey]]:
+    """The ``(step, key)`` sequence the cache will see: what ``belady`` needs as ``future=``."""
+    out = []
+    step = 0
+    for layers in schedule.experts:
+        for layer, experts in enumerate(layers):
+            out.extend((step, ExpertKey(layer, e)) for e in experts)
+            step += 1
+    return out
+
+
+def make_policy(name: str, schedule: Schedule, num_layers: int, num_experts: int, **kwargs):
+    from cache.base import _REGISTRY  # the factory class tells whether it needs the future
+
+    factory = _REGISTRY.get(name)
+    if factory is not None and getattr(factory, "needs_future", False):
+        kwargs.setdefault("future", future_accesses(schedule))
+    if name in ("eam",):
+        kwargs.setdefault("num_layers", num_layers)
+        kwargs.setdefault("num_experts", num_experts)
+    if name == "nextuse":
+        kwargs.setdefault("num_layers", num_layers)
+    return build_policy(name, **kwargs)
+
+
+def capacities_for(trace: Trace, *, slots_per_layer: int | None = None, capacity_fraction: float | None = None,
+                   split: str = "uniform", scope: str = "layer") -> tuple[list[int], str]:
+    """Capacities and scope from the CLI's budget flags; ``split`` may be ``profile:TRACE``."""
+    layers, num_experts = trace.num_layers, trace.num_experts
+    if (slots_per_layer is None) == (capacity_fraction is None):
+        raise ValueError("give exactly one of --slots-per-layer or --capacity-fraction")
+    if slots_per_layer is not None:
+        per_layer = int(slots_per_layer)
+    else:
+        if not 0 < capacity_fraction <= 1:
+            raise ValueError(f"--capacity-fraction must be in (0, 1], got {capacity_fraction}")
+        per_layer = max(1, round(capacity_fraction * num_experts))
+    if per_layer < 1:
+        raise ValueError("the cache needs at least one slot per layer")
+    per_layer = min(per_layer, num_experts)
+    total = per_layer * layers
+    if split == "global" or scope == "global":
+        if split.startswith("profile"):
+            raise ValueError("a profile split needs --cache-scope layer")
+        return split_capacity(total, layers, "global", num_experts=num_experts), "global"
+    if split.startswith("profile:"):
+        from traces.format import load_trace
+        from traces.stats import working_set_profile
+
+        profile_trace = load_trace(split.split(":", 1)[1], hidden=False)
+        if profile_trace.num_layers != layers:
+            raise ValueError(f"profile trace has {profile_trace.num_layers} MoE layers, this trace {layers}")
+        profile = working_set_profile(profile_trace)
+        return split_capacity(total, layers, "profile", num_experts=num_experts, profile=profile), "layer"
+    if split != "uniform":
+        raise ValueError(f"unknown --cache-split {split!r}; use uniform, global or profile:TRACE")
+    return split_capacity(total, layers, "uniform", num_experts=num_experts), "layer"
+
+
+# -- the replay ------------------------------------------------------------------------------
+def simulate(trace: Trace, config: SimConfig, schedule: Schedule | None = None) -> SimResult:
+    """Replay ``trace`` under ``config``; pass a prebuilt ``schedule`` to replay many configs fast."""
+    if schedule is None:
+        schedule = build_schedule(trace, config.per_token)
+    layers = trace.num_layers
+    capacities = list(config.capacities) or [trace.num_experts] * layers
+    policy = make_policy(config.policy, schedule, layers, trace.num_experts, **config.policy_kwargs)
+    cache = ExpertCache(policy, layers, capacities, config.scope)
+    timed = config.link_gbps is not None
+    if timed and not config.expert_bytes:
+        raise ValueError("a link model needs the expert size: give --expert-bytes")
+    prefetching = config.prefetch != "none"
+    if not timed and not prefetching:
+        _replay_plain(cache, schedule)
+        return _result(config, trace, schedule, cache, moved=sum(cache.queries) - sum(cache.hits), prefetch={})
+    return _replay_full(trace, config, schedule, cache, timed, prefetching)
+
+
+def _replay_plain(cache: ExpertCache, schedule: Schedule) -> None:
+    access = cache.access
+    start = cache.start_request
+    step = 0
+    for layers, starts in zip(schedule.experts, schedule.request_starts):
+        for request in starts:
+            start(request)
+        for layer, experts in enumerate(layers):
+            access(layer, experts, step)
+            step += 1
+
+
+def _replay_full(trace: Trace, config: SimConfig, schedule: Schedule, cache: ExpertCache, timed: bool,
+                 prefetching: bool) -> SimResult:
+    layers = trace.num_layers
+    expert_bytes = int(config.expert_bytes or 1)
+    budget = config.prefetch_budget_bytes
+    if budget is None:
+        budget = max(1, cache.num_slots // 4) * expert_bytes
+    planner = PrefetchPlanner(expert_bytes, int(budget))
+    predictor = None
+    if prefetching:
+        predictor = build_predictor(
+            config.prefetch, num_layers=layers, num_experts=trace.num_experts, top_k=trace.top_k,
+            lookahead=config.prefetch_lookahead, routers=None, path=config.predictor_path,
+            trace=(trace.experts, [r.tolist() for r in schedule.rows]))
+    link = CopyEngine(config.link_latency_us * 1e-6 + expert_bytes / (config.link_gbps * 1e9)) if timed else None
+    compute = config.layer_compute_us * 1e-6
+    experts_t = torch.from_numpy(trace.experts.astype(np.int64))
+    hidden_t = torch.from_numpy(trace.hidden) if trace.hidden is not None else None
+    t = 0.0
+    stall = 0.0
+    demand_copies = 0
+    prefetch_copies = 0
+    step = 0
+    for rows, step_layers, starts in zip(schedule.rows, schedule.experts, schedule.request_starts):
+        for request in starts:
+            cache.start_request(request)
+            if predictor is not None and hasattr(predictor, "begin_request"):
+                predictor.begin_request()
+        if predictor is not None:
+            predictor.reset()
+        rows_t = torch.from_numpy(rows)
+        for layer, experts in enumerate(step_layers):
+            ready = t
+            if link is not None:
+                link.advance(t)
+                for key in link.landed(t):
+                    planner.on_complete(key)
+            needed = [ExpertKey(layer, e) for e in experts]
+            late = []
+            for key in needed:
+                if key in planner.in_flight:
+                    late.append(key)
+                planner.on_access(key)
+            busy = link.busy() if link is not None else frozenset()
+            waves = cache.access(layer, experts, step, pinned=busy)
+            misses = 0
+            for wave in waves:
+                for _key, _slot, evicted in wave.misses:
+                    misses += 1
+                    if evicted is not None:
+                        planner.on_evict(evicted)
+            demand_copies += misses
+            if link is not None:
+                promoted = sum(1 for key in late if link.promote(key))
+                ready = max(ready, link.demand(t, misses + promoted))
+                for key in late:
+                    finish = link.in_flight.get(key)
+                    if finish is not None:
+                        ready = max(ready, finish)
+            if predictor is not None:
+                hidden = hidden_t[rows_t, layer] if hidden_t is not None else None
+                predictor.observe(layer, hidden, experts_t[rows_t, layer])
+                needed_set = set(needed)
+                for key, _slot, _evicted in planner.plan(predictor.predict(layer), cache, needed_set):
+                    if link is not None:
+                        link.prefetch(key, t)
+                    else:
+                        prefetch_copies += 1
+                        planner.on_complete(key)
+                for key in planner.stale(layer):
+                    if link is not None and link.cancel(key):
+                        cache.evict(key)
+                        planner.on_cancel(key)
+            stall += ready - t
+            t = ready + compute
+            step += 1
+    if link is not None:
+        link.advance(t)  # prefetches still queued at the end never moved
+        moved = link.copies
+    else:
+        moved = demand_copies + prefetch_copies
+    return _result(config, trace, schedule, cache, moved=moved, prefetch=planner.outcomes.as_dict(),
+                   stall=stall if timed else None, total=t if timed else None)
+
+
+def _result(config: SimConfig, trace: Trace, schedule: Schedule, cache: ExpertCache, *, moved: int,
+            prefetch: dict[str, int], stall: float | None = None, total: float | None = None) -> SimResult:
+    return SimResult(
+        policy=config.policy,
+        hits=sum(cache.hits),
+        accesses=sum(cache.queries),
+        experts_moved=int(moved),
+        bytes_moved=int(moved * config.expert_bytes) if config.expert_bytes else None,
+        tokens=trace.num_rows,
+        steps=len(schedule.experts),
+        per_layer_hit_rate=[h / q if q else 0.0 for h, q in zip(cache.hits, cache.queries)],
+        prefetch=prefetch,
+        stall_seconds=stall,
+        total_seconds=total,
+    )
