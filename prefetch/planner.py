@@ -6,6 +6,9 @@ demand copies in priority (the transfer engine orders them), never evict an
 expert the current step needs (the caller passes it as ``needed_now``), and are
 bounded by a byte budget of copies in flight. A prefetch reserves its slot when
 issued: the cache evicts the victim at that moment, and the copy lands later.
+Copies in flight are pinned while a layer's demand misses are placed, so the
+planner keeps at least one slot of every cache scope free of them: a scope's
+in-flight prefetches never reach its capacity (a one-slot scope gets none).
 
 Outcomes, counted once per issued prefetch:
 - useful: the expert was used after its copy had finished;
@@ -58,11 +61,18 @@ class PrefetchPlanner:
         """
         issued = []
         budget_left = self.budget_bytes - len(self.in_flight) * self.expert_bytes
+        in_flight_per_scope: dict[int, int] = {}
+        for k in self.in_flight:
+            scope = cache.scope_of(k.layer)
+            in_flight_per_scope[scope] = in_flight_per_scope.get(scope, 0) + 1
         for key, _score in sorted(predictions, key=lambda p: -p[1]):
             if budget_left < self.expert_bytes:
                 break
             if key in needed_now or cache.is_resident(key):
                 continue
+            scope = cache.scope_of(key.layer)
+            if in_flight_per_scope.get(scope, 0) + 1 >= cache.capacity(key.layer):
+                continue  # a demand miss of that scope must always find an unpinned slot
             protected = set(needed_now) | self.in_flight | self.landed
             placed = cache.insert(key, protected)
             if placed is None:
@@ -71,6 +81,7 @@ class PrefetchPlanner:
             if evicted is not None:
                 self.on_evict(evicted)
             self.in_flight.add(key)
+            in_flight_per_scope[scope] = in_flight_per_scope.get(scope, 0) + 1
             self.outcomes.issued += 1
             budget_left -= self.expert_bytes
             issued.append((key, slot, evicted))
