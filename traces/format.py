@@ -142,7 +142,7 @@ def load_trace(path: str | os.PathLike, *, hidden: bool = True) -> Trace:
                       if n in names and (hidden or n != "hidden")}
     except TraceFormatError:
         raise
-    except Exception as exc:  # safetensors raises its own types for corrupt headers
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own types for corrupt headers
         raise TraceFormatError(f"{where}: not a readable safetensors trace ({type(exc).__name__}: "
                                f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     meta: dict[str, Any] = {}

@@ -48,7 +48,7 @@ def _defaults(experts: np.ndarray, meta: dict, request=None, weights=None, posit
 def import_npz(path: str) -> Trace:
     try:
         data = np.load(path, allow_pickle=False)
-    except Exception as exc:  # zip or pickle errors from numpy
+    except Exception as exc:  # noqa: BLE001 - zip or pickle errors from numpy
         raise TraceFormatError(f"{path}: not a readable .npz file ({type(exc).__name__})") from None
     with data:
         if "experts" not in data.files:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -97,13 +97,13 @@ class TraceRecorder:
             raise RuntimeError("trace recorder: record() outside begin_step()/end_step()")
         if layer != step["layer"]:
             raise ValueError(f"trace recorder: expected MoE layer {step['layer']}, got {layer} (record layers in order)")
-        step["layer"] += 1
-        if step["skip"]:
-            return
         rows = step["rows"]
         if top_k_index.shape[0] != rows or top_k_weights.shape != top_k_index.shape:
             raise ValueError(f"trace recorder: layer {layer} routing is {tuple(top_k_index.shape)}, "
                              f"expected [{rows}, K] for index and weights")
+        step["layer"] += 1
+        if step["skip"]:
+            return
         step["experts"].append(_host(top_k_index, np.int16, rows, "top_k_index"))
         step["weights"].append(_host(top_k_weights.float(), np.float16, rows, "top_k_weights"))
         if self.record_hidden:
@@ -175,7 +175,7 @@ class TraceRecorder:
         self.flush()
         self.closed = True
 
-    def __enter__(self) -> TraceRecorder:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

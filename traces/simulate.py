@@ -15,6 +15,7 @@ loop is plain Python over int lists.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,11 +67,11 @@ class SimResult:
         return self.hits / self.accesses if self.accesses else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = dict(
-            policy=self.policy, hit_rate=self.hit_rate, hits=self.hits, accesses=self.accesses,
-            bytes_moved=self.bytes_moved, experts_moved=self.experts_moved, tokens=self.tokens,
-            steps=self.steps, per_layer_hit_rate=self.per_layer_hit_rate, prefetch=self.prefetch,
-        )
+        out: dict[str, Any] = {
+            "policy": self.policy, "hit_rate": self.hit_rate, "hits": self.hits, "accesses": self.accesses,
+            "bytes_moved": self.bytes_moved, "experts_moved": self.experts_moved, "tokens": self.tokens,
+            "steps": self.steps, "per_layer_hit_rate": self.per_layer_hit_rate, "prefetch": self.prefetch,
+        }
         if self.stall_seconds is not None:
             out["stall_seconds_per_token"] = self.stall_seconds / max(self.tokens, 1)
             out["tokens_per_second"] = self.tokens / self.total_seconds if self.total_seconds else float("inf")
@@ -103,7 +104,7 @@ def build_schedule(trace: Trace, per_token: bool = False) -> Schedule:
         rows = [np.array([i]) for i in range(n)]
     else:
         steps, rows = [], []
-        for a, b in zip(bounds[:-1], bounds[1:]):
+        for a, b in itertools.pairwise(bounds):
             block = experts[a:b]  # [T, L, K]
             steps.append([np.unique(block[:, layer]).tolist() for layer in range(trace.num_layers)])
             rows.append(np.arange(a, b))
