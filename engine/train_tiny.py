@@ -417,14 +417,14 @@ def train(cfg: TinyConfig, data: str | None, out: str | Path, *, log=print,
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        lm = float(lm_loss)
+        lm = float(lm_loss.detach())
         ema = lm if ema is None else 0.98 * ema + 0.02 * lm
         elapsed = time.time() - t_train
         if step % 10 == 0 or step == cfg.steps - 1:
-            history.append({"step": step, "loss": round(lm, 4), "aux": round(float(aux), 4)})
+            history.append({"step": step, "loss": round(lm, 4), "aux": round(float(aux.detach()), 4)})
         if step % 25 == 0 or step == cfg.steps - 1:
             tps = (step + 1) * cfg.batch_size * cfg.context / max(elapsed, 1e-6)
-            log(f"step {step + 1}/{cfg.steps} loss {lm:.4f} (ema {ema:.4f}) aux {float(aux):.4f} "
+            log(f"step {step + 1}/{cfg.steps} loss {lm:.4f} (ema {ema:.4f}) aux {float(aux.detach()):.4f} "
                 f"lr {lr_at(step, cfg):.2e} gnorm {float(gnorm):.2f} | {tps:,.0f} tok/s, {elapsed / 60:.1f} min",
                 )
         if checkpoint_every and step and step % checkpoint_every == 0:
