@@ -98,3 +98,25 @@ def live_server(app, timeout_s: float = 30.0) -> Iterator[str]:
         thread.join(timeout=10)
 
 
+
+
+class SlowEngine:
+    """The engine with every ``step()`` slowed down, so a test can hold batch slots for a while."""
+
+    def __init__(self, engine, step_delay_s: float = 0.05) -> None:
+        self._engine = engine
+        self._delay = step_delay_s
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def batch_generator(self, max_batch_size: int, max_model_len: int | None):
+        gen = self._engine.batch_generator(max_batch_size, max_model_len)
+        step = gen.step
+
+        def slow_step():
+            time.sleep(self._delay)
+            return step()
+
+        gen.step = slow_step
+        return gen
