@@ -111,8 +111,8 @@ class LearnedModel(torch.nn.Module):
 
     # -- files -----------------------------------------------------------------
     def config(self) -> dict:
-        return dict(num_layers=self.num_layers, num_experts=self.num_experts, top_k=self.top_k,
-                    lookahead=self.lookahead, hidden_size=self.hidden_size, features=FEATURES)
+        return {"num_layers": self.num_layers, "num_experts": self.num_experts, "top_k": self.top_k,
+                    "lookahead": self.lookahead, "hidden_size": self.hidden_size, "features": FEATURES}
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file

@@ -51,8 +51,7 @@ class OraclePredictor:
         self.step += 1
 
     def observe(self, layer: int, hidden: torch.Tensor | None, top_k_index) -> None:
-        if self.step < 0:
-            self.step = 0
+        self.step = max(self.step, 0)
         if self.step >= len(self.order):
             raise ValueError(f"oracle ran past the end of its trace ({len(self.order)} forwards)")
         rows = self.order[self.step]

@@ -35,8 +35,8 @@ class PrefetchOutcomes:
     cancelled: int = 0  # subset of wasted: cancelled while still queued or in flight
 
     def as_dict(self) -> dict[str, int]:
-        return dict(issued=self.issued, useful=self.useful, wasted=self.wasted, late=self.late,
-                    cancelled=self.cancelled)
+        return {"issued": self.issued, "useful": self.useful, "wasted": self.wasted, "late": self.late,
+                    "cancelled": self.cancelled}
 
 
 class PrefetchPlanner:

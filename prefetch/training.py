@@ -35,7 +35,7 @@ def holdout_split(request: np.ndarray, holdout: float) -> np.ndarray:
         raise ValueError(f"holdout must be in [0, 1), got {holdout}")
     ids, first = np.unique(request, return_index=True)
     ordered = ids[np.argsort(first)]
-    n_held = int(round(len(ordered) * holdout))
+    n_held = round(len(ordered) * holdout)
     if holdout > 0 and n_held == 0 and len(ordered) > 1:
         n_held = 1
     if n_held >= len(ordered) and holdout > 0:
@@ -119,8 +119,8 @@ def train_learned(
             total += loss.item() * len(rows)
             count += len(rows)
         if progress is not None:
-            progress(dict(epoch=epoch + 1, epochs=epochs, loss=total / count / lookahead,
-                          seconds=time.perf_counter() - t0))
+            progress({"epoch": epoch + 1, "epochs": epochs, "loss": total / count / lookahead,
+                      "seconds": time.perf_counter() - t0})
     return model.eval()
 
 
@@ -162,11 +162,11 @@ def evaluate(
     scored; every row still feeds the history.
     """
     experts = np.asarray(experts, dtype=np.int64)
-    n, num_layers, top_k = experts.shape
+    n, num_layers, _top_k = experts.shape
     lookahead = min(int(lookahead), num_layers - 1)
     if hasattr(predictor_or_fn, "observe") and hasattr(predictor_or_fn, "predict"):
         guesses = _stream(predictor_or_fn, experts, request, lookahead, hidden)
-        fn = lambda e, r, d, **kw: guesses[d]  # noqa: E731
+        fn = lambda e, r, d, **kw: guesses[d]
     elif hasattr(predictor_or_fn, "predict_array"):
         fn = predictor_or_fn.predict_array
     else:
@@ -182,14 +182,14 @@ def evaluate(
         precision = float(hit / n_pred) if n_pred else 0.0
         recall = float(hit / n_true) if n_true else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
-        out[d] = dict(precision=precision, recall=recall, f1=f1)
+        out[d] = {"precision": precision, "recall": recall, "f1": f1}
     return out
 
 
 def compare(model: LearnedModel, experts: np.ndarray, request: np.ndarray, lookahead: int, *,
             phase=None, hidden=None, rows=None) -> dict[str, dict[int, dict[str, float]]]:
     """The learned model beside both baselines (freq from the model's training split), same rows."""
-    kw = dict(phase=phase, hidden=hidden, rows=rows)
+    kw = {"phase": phase, "hidden": hidden, "rows": rows}
     return {
         "learned": evaluate(model, experts, request, lookahead, **kw),
         "prev": evaluate(prev_baseline, experts, request, lookahead, **kw),

@@ -124,7 +124,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     out = sys.stderr if args.json else sys.stdout
     routing = load_routing(args.traces, hidden=args.use_hidden)
-    n, layers, top_k = routing.experts.shape
+    _n, layers, top_k = routing.experts.shape
     if args.lookahead >= layers:
         raise ValueError(f"--lookahead {args.lookahead} needs more than {layers} MoE layers")
     held = holdout_split(routing.request, args.holdout)
@@ -149,15 +149,16 @@ def run_train(args: argparse.Namespace) -> int:
     model.meta = {
         "heldout": None if results is None else {str(d): v for d, v in results["learned"].items()},
         "baselines": None if results is None else _jsonable({k: results[k] for k in ("prev", "freq")}),
-        "train": dict(traces=[os.path.basename(p) for p in args.traces], rows=int((~held).sum()),
-                      heldout_rows=int(held.sum()), holdout=args.holdout, epochs=args.epochs, seed=args.seed,
-                      lr=args.lr, phase=args.phase, seconds=round(time.perf_counter() - t0, 2)),
+        "train": {"traces": [os.path.basename(p) for p in args.traces], "rows": int((~held).sum()),
+                  "heldout_rows": int(held.sum()), "holdout": args.holdout, "epochs": args.epochs,
+                  "seed": args.seed, "lr": args.lr, "phase": args.phase,
+                  "seconds": round(time.perf_counter() - t0, 2)},
     }
     model.save(args.out)
     print(f"saved {args.out}", file=out)
     if args.json:
-        print(json.dumps(dict(predictor=args.out, lookahead=args.lookahead,
-                              results=None if results is None else _jsonable(results))))
+        print(json.dumps({"predictor": args.out, "lookahead": args.lookahead,
+                          "results": None if results is None else _jsonable(results)}))
     return 0
 
 
@@ -168,7 +169,7 @@ def run_eval(args: argparse.Namespace) -> int:
     out = sys.stderr if args.json else sys.stdout
     model = LearnedModel.load(args.predictor)
     routing = load_routing(args.trace, hidden=bool(model.hidden_size))
-    n, layers, top_k = routing.experts.shape
+    _n, layers, top_k = routing.experts.shape
     if (layers, top_k, routing.num_experts) != (model.num_layers, model.top_k, model.num_experts):
         raise ValueError(f"trace has (layers, top_k, experts) = {(layers, top_k, routing.num_experts)}, the "
                          f"predictor was trained for {(model.num_layers, model.top_k, model.num_experts)}")
@@ -182,6 +183,6 @@ def run_eval(args: argparse.Namespace) -> int:
     print(f"{args.predictor} on {len(routing.request)} rows ({args.phase} rows scored):", file=out)
     _table(results, out)
     if args.json:
-        print(json.dumps(dict(predictor=args.predictor, traces=args.trace, rows=int(len(routing.request)),
-                              lookahead=lookahead, results=_jsonable(results))))
+        print(json.dumps({"predictor": args.predictor, "traces": args.trace, "rows": len(routing.request),
+                          "lookahead": lookahead, "results": _jsonable(results)}))
     return 0

@@ -76,7 +76,7 @@ def run_loop(predictor, cache: ExpertCache, planner: PrefetchPlanner):
                 inflight[k] = copy(ready)
             now = ready + COMPUTE
     poll(now)
-    return dict(now=now, stall=stall, demand=demand)
+    return {"now": now, "stall": stall, "demand": demand}
 
 
 def test_pregate_guesses_are_the_next_routers_choice():
@@ -111,8 +111,8 @@ def test_pregate_outcomes_match_hand_count():
     #  useful: (2,3) from s0, used in s1           landed at t=9, used at t=18
     #  wasted: (1,2) s1 cancelled at t=16 (lands at 17); (2,0) landed, evicted by s3's demand for (2,2)
     #  (2,3) from s3 has landed unused: not counted yet.
-    assert planner.outcomes.as_dict() == dict(issued=7, useful=1, wasted=2, late=3, cancelled=1)
-    assert clock == dict(now=45, stall=21, demand=5)
+    assert planner.outcomes.as_dict() == {"issued": 7, "useful": 1, "wasted": 2, "late": 3, "cancelled": 1}
+    assert clock == {"now": 45, "stall": 21, "demand": 5}
     assert planner.landed == {ExpertKey(2, 3)} and planner.in_flight == set()
 
 
@@ -123,7 +123,7 @@ def test_no_prefetch_without_a_predictor_costs_more():
     clock = run_loop(predictor, cache, planner)
     assert planner.outcomes.issued == 0
     # Demand misses: (0,0) (1,1) (2,2) | (2,3) | (1,2) (2,1) | (0,1) (1,3) (2,2): 9 copies, 27 units of stall.
-    assert clock == dict(now=3 * 4 * COMPUTE + 9 * COPY, stall=27, demand=9)
+    assert clock == {"now": 3 * 4 * COMPUTE + 9 * COPY, "stall": 27, "demand": 9}
 
 
 def test_planner_leaves_a_scope_slot_free_of_copies_in_flight():

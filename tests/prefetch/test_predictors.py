@@ -13,7 +13,7 @@ from prefetch.learned import LearnedModel, previous_rows
 from prefetch.training import compare, evaluate, freq_baseline, holdout_split, prev_baseline, train_learned
 from tests.prefetch.synthetic import synthetic_routing
 
-COMMON = dict(num_layers=3, num_experts=4, top_k=1, lookahead=2, routers=None, path=None, trace=None)
+COMMON = {"num_layers": 3, "num_experts": 4, "top_k": 1, "lookahead": 2, "routers": None, "path": None, "trace": None}
 
 
 def feed(p, steps):
@@ -49,7 +49,7 @@ def test_oracle_predicts_exactly_the_future():
     experts, request, _ = synthetic_routing(requests=3, tokens=5, layers=4, experts=8, top_k=2)
     kw = dict(COMMON, num_layers=4, num_experts=8, top_k=2, lookahead=3)
     result = evaluate(build_predictor("oracle", **dict(kw, trace=experts)), experts, request, 3)
-    assert all(v == dict(precision=1.0, recall=1.0, f1=1.0) for v in result.values())
+    assert all(v == {"precision": 1.0, "recall": 1.0, "f1": 1.0} for v in result.values())
     # Batched forwards: rows 0-1 in one forward, then row 2.
     p = build_predictor("oracle", **dict(kw, trace=(experts, [[0, 1], [2]])))
     p.reset()
@@ -112,7 +112,7 @@ def test_metrics_by_hand():
     request = np.zeros(2, dtype=int)
     # prev: row 0 has no guess; row 1 guesses {2, 3} for layer 1, truth {2, 1}: 1 hit of 2 guesses, 4 true.
     assert evaluate(prev_baseline, experts, request, 1)[1] == pytest.approx(
-        dict(precision=0.5, recall=0.25, f1=2 * 0.5 * 0.25 / 0.75))
+        {"precision": 0.5, "recall": 0.25, "f1": 2 * 0.5 * 0.25 / 0.75})
     shares = np.array([[1.0, 0, 0, 0], [0, 0.2, 0.9, 0.1]])
     assert evaluate(freq_baseline(shares), experts, request, 1)[1]["f1"] == pytest.approx(0.75)
 
@@ -159,7 +159,7 @@ def test_learned_file_round_trip_and_online_equals_offline(trained, tmp_path):
 
 
 def test_learned_with_hidden_states_trains_and_predicts():
-    experts, request, phase = synthetic_routing(requests=6, tokens=10, layers=4, experts=8)
+    experts, request, _phase = synthetic_routing(requests=6, tokens=10, layers=4, experts=8)
     rng = np.random.default_rng(0)
     hidden = rng.standard_normal((len(request), 4, 5)).astype(np.float16)
     model = train_learned(experts, request, 8, 1, epochs=1, hidden=hidden)

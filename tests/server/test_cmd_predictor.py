@@ -17,7 +17,7 @@ def write_trace(path, seed=0, requests=30):
     experts, request, phase = synthetic_routing(requests=requests, tokens=24, seed=seed)
     position = np.concatenate([np.arange((request == r).sum()) for r in np.unique(request)]).astype(np.int32)
     save_trace(path, Trace(experts=experts, weights=np.full(experts.shape, 0.5, np.float16), request=request,
-                           position=position, phase=phase, meta=dict(experts=16, top_k=2, moe_layers=list(range(6)))))
+                           position=position, phase=phase, meta={"experts": 16, "top_k": 2, "moe_layers": list(range(6))}))
     return path
 
 
