@@ -26,7 +26,8 @@ class LRUPolicy:
         self._order.pop(key, None)
 
     def victim(self, resident: Collection[ExpertKey], protected: AbstractSet[ExpertKey]) -> ExpertKey:
-        resident_set = resident if isinstance(resident, (set, frozenset, dict)) else set(resident)
+        # Sets and dict key views answer ``in`` in O(1): no copy on the hot path.
+        resident_set = resident if isinstance(resident, (AbstractSet, dict)) else set(resident)
         for key in self._order:
             if key in resident_set and key not in protected:
                 return key

@@ -64,6 +64,7 @@ class ExpertCache:
             start += cap
         self._resident: list[dict[ExpertKey, int]] = [{} for _ in self.capacities]  # per scope: key -> slot
         self._where: dict[ExpertKey, int] = {}  # key -> slot, all scopes
+        self._key_cache: dict[int, dict[int, ExpertKey]] = {}
         # Plain-int counters, exported by the engine / simulator outside the hot path.
         self.queries = [0] * num_layers
         self.hits = [0] * num_layers
@@ -102,8 +103,10 @@ class ExpertCache:
         Resident experts go first so they are used before anything could evict
         them. ``pinned`` keys (e.g. copies in flight) are never chosen as victims.
         """
-        keys = [ExpertKey(layer, int(e)) for e in experts]
-        scope = self.scope_of(layer)
+        keys = self._keys_of(layer, experts)
+        scope = layer if self.scope == "layer" else 0
+        if not pinned and len(keys) <= self.capacities[scope]:
+            return [self._access_one_wave(layer, scope, keys, step)]
         key_set = set(keys)
         pinned_here = sum(
             1 for k in pinned if k in self._where and k not in key_set and self.scope_of(k.layer) == scope
@@ -131,6 +134,43 @@ class ExpertCache:
                 res.misses.append((key, slot, evicted))
             results.append(res)
         return results
+
+    def _keys_of(self, layer: int, experts: Iterable[int]) -> list[ExpertKey]:
+        # Interned keys: building namedtuples is a large share of the simulator's inner loop.
+        cache = self._key_cache.get(layer)
+        if cache is None:
+            cache = self._key_cache[layer] = {}
+        out = []
+        for e in experts:
+            key = cache.get(e)
+            if key is None:
+                key = cache[e] = ExpertKey(layer, int(e))
+            out.append(key)
+        return out
+
+    def _access_one_wave(self, layer: int, scope: int, keys: list[ExpertKey], step: int) -> StepResult:
+        """The common case of :meth:`access` (nothing pinned, one wave), with the same decisions."""
+        where = self._where
+        on_access = self.policy.on_access
+        res = StepResult()
+        misses = []
+        for key in keys:
+            slot = where.get(key)
+            if slot is None:
+                misses.append(key)
+            else:
+                on_access(key, True, step)
+                res.hits.append((key, slot))
+        if misses:
+            protected = set(keys)
+            for key in misses:
+                on_access(key, False, step)
+                slot, evicted = self._make_room(scope, protected)
+                self._place(scope, key, slot)
+                res.misses.append((key, slot, evicted))
+        self.queries[layer] += len(keys)
+        self.hits[layer] += len(keys) - len(misses)
+        return res
 
     def insert(self, key: ExpertKey, protected: AbstractSet[ExpertKey]) -> tuple[int, ExpertKey | None] | None:
         """Insert ``key`` without an access (a prefetch). None when every resident key is protected."""
