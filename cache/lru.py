@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Collection
-from typing import AbstractSet
+from collections.abc import Set as AbstractSet
 
 from cache.base import ExpertKey, register_policy
 

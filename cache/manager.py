@@ -15,8 +15,8 @@ more experts than its scope holds, it is split into waves that each fit.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import AbstractSet
 
 from cache.base import EvictionPolicy, ExpertKey
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from tests.traces.helpers import make_trace
-from traces.stats import co_activation, consecutive_overlap, frequency_entropy, reuse_distance, working_set_profile
+from traces.stats import (
+    co_activation,
+    consecutive_overlap,
+    frequency_entropy,
+    reuse_distance,
+    working_set_profile,
+)
 
 # One request, 2 layers, 4 experts, top-2.
 ROWS = [[[0, 1], [2, 3]],
