@@ -196,10 +196,17 @@ class LearnedPredictor:
         self.model = model
         self.num_layers, self.num_experts, self.top_k = model.num_layers, model.num_experts, model.top_k
         self.lookahead = int(lookahead)
+        # The per-layer path runs in numpy on views of the model's weights: a few microseconds per
+        # target layer at T=1, where torch's per-op overhead would dominate.
+        E = self.num_experts
+        self._w = model.weight.detach()[:-1].reshape(model.lookahead, self.num_layers, model.features, E).numpy()
+        self._hw = None
+        if model.hidden_size:
+            self._hw = (model.hidden_weight.detach().numpy(), model.hidden_mean.numpy(), model.hidden_std.numpy())
+        self._offsets = np.arange(4)[:, None] * E  # block offsets into a (l, d) weight matrix
         self._cur: np.ndarray | None = None  # [T, L, K] this step's routing (-1 = not yet routed)
         self._prev: np.ndarray | None = None  # [T', L, K] the previous step's
         self._hidden: torch.Tensor | None = None
-        self._layer = -1
 
     def begin_request(self) -> None:
         self._prev = None
@@ -215,27 +222,40 @@ class LearnedPredictor:
         if self._cur is None or self._cur.shape[0] != idx.shape[0]:
             self._cur = np.full((idx.shape[0], self.num_layers, idx.shape[1]), -1, dtype=np.int64)
         self._cur[:, layer] = idx
-        self._layer = layer
-        self._hidden = hidden if self.model.hidden_size else None
+        self._hidden = hidden if self._hw is not None else None
 
-    @torch.no_grad()
     def predict(self, layer: int) -> list[tuple[ExpertKey, float]]:
         cur = self._cur
         if cur is None:
             return []
-        tokens = cur.shape[0]
+        tokens, _, k = cur.shape
         prev = self._prev
-        if prev is None:
-            prev = np.full_like(cur, -1)
-        elif prev.shape[0] != tokens:  # e.g. first decode step after a prefill: its last token came just before
-            prev = np.broadcast_to(prev[-1:], (tokens,) + prev.shape[1:])
-        hidden = None
+        if prev is not None and prev.shape[0] != tokens:
+            prev = prev[-1:]  # e.g. the first decode step after a prefill: its last token came just before
+        h = None
         if self._hidden is not None:
-            hidden = self._hidden.detach().to("cpu", torch.float32).reshape(tokens, 1, -1)
+            hw, mean, std = self._hw
+            # sync: the hidden state to the host (only for predictors trained with hidden states)
+            h = (self._hidden.detach().to("cpu", torch.float32).numpy().reshape(tokens, -1) - mean[layer]) / std[layer]
+        E = self.num_experts
         out: list[tuple[ExpertKey, float]] = []
         for target in target_layers(layer, self.lookahead, self.num_layers):
             d = target - layer
-            p = self.model.probs(cur, prev, d, [layer], hidden)[:, 0].double()  # [T, E]
-            p_any = 1.0 - torch.prod(1.0 - p, dim=0)  # some token of the step uses it
-            out += scored_top(target, d, p_any.numpy(), self.top_k * tokens)
+            w = self._w[d - 1, layer]  # [4E+1, E]
+            blocks = np.full((tokens, 4, k), -1, dtype=np.int64)  # cur[l], cur[l-1], prev[l+d], prev[l+d-1]
+            blocks[:, 0] = cur[:, layer]
+            if layer >= 1:
+                blocks[:, 1] = cur[:, layer - 1]
+            if prev is not None:
+                blocks[:, 2] = prev[:, target]
+                blocks[:, 3] = prev[:, target - 1]
+            valid = blocks >= 0
+            rows = np.where(valid, blocks + self._offsets, 0).reshape(tokens, -1)  # [T, 4K]
+            logits = (w[rows] * valid.reshape(tokens, -1, 1)).sum(axis=1) + w[4 * E]  # [T, E]
+            if h is not None:
+                logits = logits + h @ hw[d - 1, layer]
+            z = np.exp(logits - logits.max(axis=1, keepdims=True))
+            p = np.minimum(z / z.sum(axis=1, keepdims=True) * self.top_k, 1.0)  # [T, E]
+            p_any = 1.0 - np.prod(1.0 - p, axis=0)  # some token of the step uses it
+            out += scored_top(target, d, p_any, self.top_k * tokens)
         return out
