@@ -1,0 +1,78 @@
+"""``moepager serve`` as a real process: flags, background loading, SIGTERM drain."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from serving_helpers import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def moepager(*args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "server", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_bad_flag_names_flag_and_choices():
+    proc = moepager("serve", "--cache-policy", "nope")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "--cache-policy" in out and "lru" in out
+
+
+@pytest.mark.slow
+def test_serve_loads_then_drains_on_sigterm(server_model_dir):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = moepager("serve", "--model", str(server_model_dir), "--device", "cpu", "--port", str(port),
+                    "--expert-slots", "4", "--served-model-name", "tiny", "--log-level", "warning")
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server never became healthy"
+            time.sleep(0.1)
+        assert httpx.get(base + "/v1/models").json()["data"][0]["id"] == "tiny"
+
+        result = {}
+
+        def long_request() -> None:
+            body = {"model": "tiny", "prompt": "drain", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+            result["r"] = httpx.post(base + "/v1/completions", json=body, timeout=60)
+
+        worker = threading.Thread(target=long_request)
+        worker.start()
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        refused = None
+        for _ in range(50):
+            try:
+                refused = httpx.post(base + "/v1/completions", json={"prompt": "x"}, timeout=5)
+                break
+            except httpx.HTTPError:  # already finished draining and closed the socket
+                break
+        worker.join(60)
+        assert result["r"].status_code == 200, result["r"].text
+        assert result["r"].json()["usage"]["completion_tokens"] == 40
+        if refused is not None:
+            assert refused.status_code == 503
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
