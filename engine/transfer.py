@@ -149,7 +149,39 @@ class CudaTransferEngine:
         self.stream.synchronize()
 
 
+class InlineTransferEngine:
+    """CPU path without link emulation: a copy is a memcpy done at issue time.
+
+    With no link to model, a worker thread would only add hand-off latency.
+    """
+
+    def copy(self, key, slot: int, src: torch.Tensor, dst: torch.Tensor, kind: int) -> CopyHandle:
+        handle = CopyHandle(key, slot, src.numel() * src.element_size(), kind, src, dst)
+        dst.copy_(src)
+        handle.src = handle.dst = None
+        handle.state = "done"
+        handle._done.set()
+        return handle
+
+    def cancel(self, handle: CopyHandle) -> bool:
+        return False
+
+    def wait(self, handle: CopyHandle) -> None:
+        return None
+
+    def before_overwrite(self) -> None:
+        return None
+
+    def after_compute(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
 def build_transfer_engine(device: torch.device, link_gbps: float | None, latency_us: float):
     if device.type == "cuda":
         return CudaTransferEngine(device)
+    if link_gbps is None and latency_us == 0:
+        return InlineTransferEngine()
     return ThreadTransferEngine(link_gbps, latency_us)
