@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 import time
@@ -48,7 +49,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=_positive_int, default=16, help="sequences in the running batch")
     p.add_argument("--max-queued", type=_non_negative_int, default=64,
                    help="sequences allowed to wait for a batch slot; beyond this requests get 429")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
+    p.add_argument("--api-key", default=os.environ.get("MOEPAGER_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on /v1 endpoints (default: $MOEPAGER_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: the model's name)")
     p.add_argument("--drain-timeout", type=float, default=60.0,
                    help="on SIGTERM, seconds running requests may take before the server exits")
