@@ -18,12 +18,12 @@ from transformers import (
     Qwen3MoeConfig,
 )
 
-import engine.generation as generation
+from engine import generation
 from engine.detok import IncrementalDetokenizer, StopStringHolder
 from engine.generation import BatchGenerator, SamplingParams, StepInfo, generate
 
 VOCAB = 96
-COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=16)
+COMMON = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 16}
 
 
 def _config(arch: str, vocab: int = VOCAB):
@@ -185,10 +185,10 @@ def test_top_k_1_is_greedy():
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1), "temperature"),
-    (dict(temperature=float("nan")), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
-    (dict(top_k=-1), "top_k"), (dict(seed=-3), "seed"), (dict(stop=("",)), "stop"),
-    (dict(stop_token_ids=(-1,)), "stop_token_ids"), (dict(max_tokens=True), "max_tokens"),
+    ({"max_tokens": 0}, "max_tokens"), ({"temperature": -1}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -1}, "top_k"), ({"seed": -3}, "seed"), ({"stop": ("",)}, "stop"),
+    ({"stop_token_ids": (-1,)}, "stop_token_ids"), ({"max_tokens": True}, "max_tokens"),
 ])
 def test_sampling_params_validation(bad, message):
     with pytest.raises(ValueError, match=message):
