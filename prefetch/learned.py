@@ -180,14 +180,14 @@ def previous_rows(experts: np.ndarray, request: np.ndarray, phase: np.ndarray | 
 
 @register_predictor("learned")
 class LearnedPredictor:
-    def __init__(self, *, num_layers: int | None = None, num_experts: int | None = None, lookahead: int = 1,
-                 path: str | None = None, model: LearnedModel | None = None, **kwargs) -> None:
+    def __init__(self, *, num_layers: int | None = None, num_experts: int | None = None, top_k: int | None = None,
+                 lookahead: int = 1, path: str | None = None, model: LearnedModel | None = None, **kwargs) -> None:
         if model is None:
             if path is None:
                 raise ValueError("the learned predictor needs a trained file (--predictor-path PRED.safetensors; "
                                  "make one with `moepager predictor train`)")
             model = LearnedModel.load(path)
-        for name, want in (("num_layers", num_layers), ("num_experts", num_experts)):
+        for name, want in (("num_layers", num_layers), ("num_experts", num_experts), ("top_k", top_k)):
             if want is not None and int(want) != getattr(model, name):
                 raise ValueError(f"predictor was trained for {name}={getattr(model, name)}, this model has {want}")
         if lookahead > model.lookahead:
