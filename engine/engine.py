@@ -55,12 +55,20 @@ def plan_capacities(num_layers: int, num_experts: int, top_k: int, page_bytes: i
         raise BudgetError(
             f"{flag}: budget of {slots} expert slots is below the minimum of {minimum} "
             f"({'top_k ' + str(top_k) + ' per layer x ' + str(num_layers) + ' MoE layers' if scope == 'layer' else 'top_k'}"
-            f", {minimum * page_bytes / 1e9:.4f} GB at {page_bytes} bytes per expert)")
+            f"; {_human_bytes(minimum * page_bytes)} at {_human_bytes(page_bytes)} per expert)")
     slots = min(slots, total)
     if scope == "global":
         return [slots]
     base, rem = divmod(slots, num_layers)
     return [min(num_experts, base + (1 if i < rem else 0)) for i in range(num_layers)]
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"
 
 
 class Engine:
@@ -73,7 +81,13 @@ class Engine:
         if is_offline_only(config.cache_policy):
             raise MoepagerError(f"--cache-policy {config.cache_policy} needs the future: simulator only")
         path = resolve_model_path(config.model)
-        loaded = load_model(path, config.dtype, self.device, progress=config.progress)
+        capacities: list[int] = []
+
+        def check_budget(store, top_k: int) -> None:
+            capacities.extend(plan_capacities(store.num_layers, store.num_experts, top_k, store.page_bytes,
+                                              config.cache_scope, config.expert_slots, config.expert_cache_gb))
+
+        loaded = load_model(path, config.dtype, self.device, progress=config.progress, before_experts=check_budget)
         self.path = path
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -87,8 +101,6 @@ class Engine:
         text_config = self.model.config.get_text_config()
         self.max_model_len = int(config.max_model_len or getattr(text_config, "max_position_embeddings", 4096))
 
-        capacities = plan_capacities(self.num_moe_layers, self.num_experts, self.top_k, self.store.page_bytes,
-                                     config.cache_scope, config.expert_slots, config.expert_cache_gb)
         self.cache = ExpertCache(build_policy(config.cache_policy), self.num_moe_layers, capacities,
                                  config.cache_scope)
         self.cache_policy = config.cache_policy

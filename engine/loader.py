@@ -101,7 +101,9 @@ def load_tokenizer(path: Path):
         raise ModelLoadError(f"cannot load the tokenizer in {path}: {exc}") from None
 
 
-def load_model(path: Path, dtype_name: str, device: torch.device, progress: bool = True) -> LoadedModel:
+def load_model(path: Path, dtype_name: str, device: torch.device, progress: bool = True,
+               before_experts=None) -> LoadedModel:
+    """``before_experts(store, top_k)`` runs once the store is sized, before any expert is read (budget checks)."""
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -148,6 +150,8 @@ def load_model(path: Path, dtype_name: str, device: torch.device, progress: bool
         model.to(device)
 
         store = HostExpertStore(layout, len(blocks), num_experts, dtype, pin=device.type == "cuda")
+        if before_experts is not None:
+            before_experts(store, top_k_of(config))
         store.load(reader, refs, [layer for layer, _, _ in blocks], print_progress() if progress else None)
         checkpoint_bytes = reader.nbytes()
     finally:
