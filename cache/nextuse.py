@@ -12,12 +12,14 @@ each capture only half of:
 2. *How likely* a use is per token. Routing is skewed and drifts slowly, so a
    decayed frequency (an exponential moving average with a half-life in tokens)
    estimates it; and consecutive tokens share experts far more often than chance,
-   so an expert used by the previous token gets at least its layer's measured
-   repeat probability (learned online), which is what LRU gets right.
+   so an expert used by the previous token gets a boost: its layer's measured
+   *stickiness*, the share of repeats beyond what the frequencies alone predict
+   (learned online), ``p <- p + (1 - p) * stickiness``. That is what LRU gets
+   right, without letting a rare expert used once outrank a hot one.
 
-With ``p`` that per-token probability and ``f`` the fraction of a forward until
-the expert's layer comes round again, the expected wait is ``f + (1 - p) / p``
-tokens (geometric); the victim is the resident expert with the longest wait,
+With ``p`` that per-token probability (boosted as above) and ``f`` the fraction
+of a forward until the expert's layer comes round again, the expected wait is
+``f + (1 - p) / p`` tokens (geometric); the victim is the resident expert with the longest wait,
 ties to the least recently touched. With a per-layer cache ``f`` is the same for
 every candidate and the policy is decayed LFU with a one-token recency guard.
 """
@@ -33,7 +35,7 @@ from cache.base import ExpertKey, register_policy
 
 @register_policy("nextuse")
 class NextUsePolicy:
-    def __init__(self, half_life: float = 32.0, num_layers: int | None = None) -> None:
+    def __init__(self, half_life: float = 128.0, num_layers: int | None = None) -> None:
         if half_life <= 0:
             raise ValueError(f"nextuse half_life must be positive, got {half_life}")
         self._keep = 0.5 ** (1.0 / float(half_life))  # per-tick decay of the moving average
@@ -47,7 +49,7 @@ class NextUsePolicy:
         # Per layer: experts of the tick in progress and of the one before, and repeat counts.
         self._cur: dict[int, set[int]] = {}
         self._prev: dict[int, set[int]] = {}
-        self._repeat = {}  # layer -> [repeated, total]
+        self._repeat = {}  # layer -> [repeated, total, expected repeats from frequencies]
 
     # -- statistics ----------------------------------------------------------------
     def _rate(self, key: ExpertKey) -> float:
@@ -56,9 +58,10 @@ class NextUsePolicy:
             p *= self._keep ** (self._clock.now(key.layer) - self._p_tick[key])
         return p
 
-    def repeat_probability(self, layer: int) -> float:
-        repeated, total = self._repeat.get(layer, (0, 0))
-        return (repeated + 1.0) / (total + 2.0)
+    def stickiness(self, layer: int) -> float:
+        """Probability that a previous-token expert repeats beyond its frequency (0: no temporal locality)."""
+        repeated, total, expected = self._repeat.get(layer, (0, 0, 0.0))
+        return max(0.0, (repeated - expected + 1.0) / (total - expected + 2.0))
 
     def on_access(self, key: ExpertKey, hit: bool, step: int) -> None:
         layer = key.layer
@@ -69,9 +72,10 @@ class NextUsePolicy:
             if done is not None:
                 prev = self._prev.get(layer)
                 if prev:
-                    stats = self._repeat.setdefault(layer, [0, 0])
+                    stats = self._repeat.setdefault(layer, [0, 0, 0.0])
                     stats[0] += len(done & prev)
                     stats[1] += len(prev)
+                    stats[2] += sum(min(self._rate(ExpertKey(layer, e)), 1.0) for e in prev)
                 self._prev[layer] = done
             self._cur[layer] = set()
         if key.expert not in self._cur[layer]:
@@ -104,10 +108,10 @@ class NextUsePolicy:
             frac = 1.0
             last_done = self._clock.now(layer) - 1
         p = self._rate(key)
-        if self._p_tick.get(key, -2) >= last_done:  # used by the previous token of its layer
-            p = max(p, self.repeat_probability(layer))
         if p <= 1e-9:
             return float("inf")
+        if self._p_tick.get(key, -2) >= last_done:  # used by the previous token of its layer
+            p = p + (1.0 - p) * self.stickiness(layer)
         return frac + (1.0 - p) / p
 
     def victim(self, resident: Collection[ExpertKey], protected: AbstractSet[ExpertKey]) -> ExpertKey:

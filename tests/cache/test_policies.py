@@ -87,8 +87,8 @@ def test_belady_requires_the_future():
 
 
 def test_nextuse_keeps_the_previous_tokens_expert_lfu_does_not():
-    # At C: LFU keeps A (3 uses); nextuse sees B was used by the previous token (repeat rate 3/5)
-    # while A was not, and evicts A. B returns.
+    # At C: LFU keeps A (3 uses); nextuse sees B was used by the previous token (the layer repeated
+    # 2 of 3 times, far above its frequencies: stickiness ~0.6) while A was not, and evicts A.
     seq = single(A, A, A, B, C, B)
     assert replay(build_policy("lfu"), seq, [2]) == 2
     assert replay(build_policy("nextuse"), seq, [2]) == 3
