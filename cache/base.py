@@ -10,7 +10,8 @@ replayed offline at hundreds of thousands of steps per second.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from typing import AbstractSet, NamedTuple, Protocol, runtime_checkable
+from collections.abc import Set as AbstractSet
+from typing import NamedTuple, Protocol, runtime_checkable
 
 
 class ExpertKey(NamedTuple):
