@@ -52,12 +52,12 @@ class TinyConfig:
     kv_heads: int = 4
     experts: int = 32
     top_k: int = 4
-    expert_intermediate: int = 128
+    expert_intermediate: int = 96
     vocab_size: int = 8192
     context: int = 256
     max_positions: int = 512
-    batch_size: int = 16
-    steps: int = 2000
+    batch_size: int = 8
+    steps: int = 450
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
@@ -265,9 +265,10 @@ def encode_documents(tokenizer, texts: list[str]):
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
     ids: list[int] = []
     batch = 64
+    backend = tokenizer.backend_tokenizer  # no max-length warnings: documents are long on purpose
     for i in range(0, len(texts), batch):
-        for enc in tokenizer(texts[i:i + batch], add_special_tokens=False)["input_ids"]:
-            ids.extend(enc)
+        for enc in backend.encode_batch(texts[i:i + batch], add_special_tokens=False):
+            ids.extend(enc.ids)
             ids.append(eos_id)
     assert max(ids) < 65536
     return np.asarray(ids, dtype=np.uint16)
@@ -329,6 +330,31 @@ def save_model(model, tokenizer, out_dir: Path, dtype_name: str = "bfloat16") ->
         max_new_tokens=64,
     ).save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
+    finalize_folder(out_dir)
+
+
+def finalize_folder(out_dir: str | Path) -> None:
+    """Make the saved folder self-describing for any loader.
+
+    * ``config.json``: ``output_router_logits`` off, so inference forwards do not compute the
+      load-balancing loss (training passes ``output_router_logits=True`` explicitly).
+    * ``tokenizer_config.json``: carries the chat template inline (as well as
+      ``chat_template.jinja``) and ``model_max_length`` = the model's position limit.
+    * ``special_tokens_map.json``: the classic map, for tools that still read it.
+    """
+    out_dir = Path(out_dir)
+    cfg_path = out_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["output_router_logits"] = False
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    tc_path = out_dir / "tokenizer_config.json"
+    tc = json.loads(tc_path.read_text())
+    tc["chat_template"] = CHAT_TEMPLATE
+    tc["model_max_length"] = int(cfg.get("max_position_embeddings", tc.get("model_max_length", 512)))
+    tc_path.write_text(json.dumps(tc, indent=2, sort_keys=True) + "\n")
+    (out_dir / "special_tokens_map.json").write_text(json.dumps({
+        "eos_token": EOS, "pad_token": PAD, "additional_special_tokens": [IM_START, IM_END],
+    }, indent=2) + "\n")
 
 
 def train(cfg: TinyConfig, data: str | None, out: str | Path, *, log=print,
@@ -544,5 +570,106 @@ def evaluate_dir(model_dir: str | Path, text: str, context: int = 256, max_windo
     return evaluate(model, ids, context, max_windows)
 
 
-def model_card(metrics: dict) -> str:  # replaced below
-    return json.dumps(metrics, indent=1)
+
+def model_card(metrics: dict) -> str:
+    """MODEL_CARD.md text from the metrics dict that ``train`` returns (and writes)."""
+    c, d = metrics["config"], metrics["data"]
+    L = c["layers"]
+    rows = "\n".join(
+        f"| {i} | {metrics['routing_entropy_norm'][i]:.3f} | {metrics['token_router_entropy_norm'][i]:.3f} "
+        f"| {metrics['max_expert_load_share'][i]:.3f} | {metrics['consecutive_overlap'][i]:.3f} "
+        f"| {metrics['random_overlap']:.3f} |"
+        for i in range(L))
+    hist = metrics.get("loss_history", [])
+    marks = [h for h in hist if h["step"] in (0, 100, 250, 500, 750, 1000) or h is hist[-1]]
+    loss_rows = "\n".join(f"| {h['step'] + 1} | {h['loss']:.3f} | {h['aux']:.3f} |" for h in marks)
+    return f"""# moepager embedded default model
+
+A small Mixture-of-Experts language model trained from scratch on English technical prose (the
+Python documentation). It exists so moepager runs, serves and is tested with no download: it has
+real, non-uniform expert routing learned from real text, at a size (about
+{metrics['parameters'] / 1e6:.1f}M parameters) that loads in a second on a CPU. It writes
+Python-documentation-flavoured English; it is not an assistant and was never trained on dialogue.
+
+## Architecture
+transformers `OlmoeForCausalLM` (OLMoE: no shared expert, softmax top-k router).
+
+| | |
+|---|---|
+| layers | {L} |
+| hidden size | {c['hidden']} |
+| attention heads (KV heads) | {c['heads']} ({c['kv_heads']}), RoPE |
+| routed experts per layer | {c['experts']} |
+| experts per token (top-k) | {c['top_k']}, top-k weights renormalised |
+| expert intermediate size | {c['expert_intermediate']} (SwiGLU) |
+| vocabulary | {c['vocab_size']} byte-level BPE, tied input/output embeddings |
+| trained context | {c['context']} tokens (config allows {c['max_positions']}; beyond {c['context']} is untrained) |
+| parameters | {metrics['parameters']:,} ({metrics['expert_parameters']:,} in routed experts) |
+| weights | bfloat16 safetensors |
+
+`config.json` has `output_router_logits: false` so inference does not compute the
+load-balancing loss; training passed `output_router_logits=True` with
+`router_aux_loss_coef` {c['aux_loss_coef']}.
+
+Special tokens: `<|endoftext|>` (document separator and EOS), `<|im_start|>`, `<|im_end|>`,
+`<|pad|>`. The tokenizer carries a ChatML chat template; `generation_config.json` stops on
+`<|endoftext|>` or `<|im_end|>`.
+
+## Data
+- Source: the reStructuredText sources of the Python 3.11 documentation
+  (`/usr/share/doc/python3.11/html/_sources`) from Debian's `python3.11-doc` package
+  (version 3.11.2-6+deb12u9), converted to plain text by `engine.train_tiny.clean_rst`
+  (markup roles, directives, index entries and heading underlines removed; prose and code examples
+  kept).
+- License: per the documentation's own "History and License" page, Python software and
+  documentation are licensed under the PSF License Agreement, and code examples in the
+  documentation are also under the Zero-Clause BSD license. The PSF license permits derivative
+  works such as this model provided the PSF copyright notice is retained:
+  "Copyright (c) 2001-2023 Python Software Foundation; All Rights Reserved".
+- Size: {d['documents']} documents; training split {d['train_documents']} documents,
+  {d['train_chars'] / 1e6:.2f} MB of text, {d['train_tokens']:,} tokens; held-out split
+  {d['heldout_documents']} documents, {d['heldout_chars'] / 1e6:.2f} MB, {d['heldout_tokens']:,} tokens.
+- Split: by document, deterministic (crc32 of the file path, {c['heldout_percent']:g}% held out).
+  A sample of the held-out text is at `tests/data/heldout.txt`.
+
+## Training
+```
+apt-get download python3.11-doc && dpkg -x python3.11-doc_*.deb /tmp/pydoc
+moepager train-tiny --data /tmp/pydoc/usr/share/doc/python3.11/html/_sources --out DIR \\
+    --steps {c['steps']} --batch-size {c['batch_size']} --seed {c['seed']} --threads {c['threads']}
+```
+AdamW (betas 0.9/0.95, weight decay {c['weight_decay']}, no decay on norms), peak learning rate
+{c['lr']:g}, {c['warmup_steps']} warmup steps then cosine decay to {c['min_lr_ratio']:g}x, gradient clipping
+{c['grad_clip']}, batch {c['batch_size']} x {c['context']} tokens, router load-balancing loss coefficient
+{c['aux_loss_coef']}, seed {c['seed']}. {metrics['steps']} steps ({metrics['tokens_seen']:,} tokens, about
+{metrics['tokens_seen'] / max(1, d['train_tokens']):.2f} epochs) in {metrics['train_seconds'] / 60:.1f} minutes on one CPU thread.
+
+| step | training loss (LM) | load-balancing loss |
+|---|---|---|
+{loss_rows}
+
+Final training loss (exponential moving average): {metrics['final_loss_ema']:.3f}.
+
+## Evaluation (held-out split, {metrics['heldout_eval_tokens']:,} tokens, windows of {c['context']})
+| | perplexity |
+|---|---|
+| this model | **{metrics['heldout_ppl']:.2f}** |
+| unigram baseline (training-token frequencies, add-one) | {metrics['unigram_ppl']:.2f} |
+
+Routing per layer, measured on the same held-out windows. Load entropy: entropy of how often
+each expert is among a token's top-{c['top_k']}, divided by log {c['experts']} (1 = perfectly balanced).
+Token router entropy: mean entropy of a token's router softmax / log {c['experts']} (lower = more
+decisive). Max share: the busiest expert's share of the routed assignments (uniform is
+{1 / c['experts']:.3f}). Consecutive overlap: fraction of a token's top-{c['top_k']} experts also chosen by the
+previous token; independent uniform routing would give K/E = {metrics['random_overlap']:.3f}.
+
+| layer | load entropy | token router entropy | max share | consecutive overlap | random K/E |
+|---|---|---|---|---|---|
+{rows}
+
+Reproduce with `engine.train_tiny.evaluate_dir(default_model_path(), text)`.
+
+## Limitations
+Tiny model, small single-domain corpus, one epoch-scale run on a CPU: text is locally fluent but
+often wrong or repetitive. Use it to exercise the serving stack and expert caching, not for answers.
+"""

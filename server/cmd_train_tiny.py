@@ -20,7 +20,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="folder of .txt/.rst/.md files or one text file (default: the Python 3.11 "
                         "documentation sources from Debian's python3.11-doc, if installed)")
-    p.add_argument("--steps", type=_positive_int, default=2000, help="optimizer steps (default 2000)")
+    p.add_argument("--steps", type=_positive_int, default=450, help="optimizer steps (default 450)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -30,11 +30,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     arch.add_argument("--heads", type=_positive_int, default=4)
     arch.add_argument("--experts", type=_positive_int, default=32)
     arch.add_argument("--top-k", type=_positive_int, default=4)
-    arch.add_argument("--expert-intermediate", type=_positive_int, default=128)
+    arch.add_argument("--expert-intermediate", type=_positive_int, default=96)
     arch.add_argument("--vocab-size", type=_positive_int, default=8192)
     arch.add_argument("--context", type=_positive_int, default=256)
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--batch-size", type=_positive_int, default=16)
+    opt.add_argument("--batch-size", type=_positive_int, default=8)
     opt.add_argument("--lr", type=_positive_float, default=2e-3)
     opt.add_argument("--warmup-steps", type=_positive_int, default=100)
     opt.add_argument("--aux-loss-coef", type=float, default=0.01)
