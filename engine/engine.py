@@ -12,6 +12,8 @@ The model is a plain transformers model whose experts implementation is
 from __future__ import annotations
 
 import contextlib
+import inspect
+import itertools
 import time
 from collections.abc import Iterator
 
@@ -101,7 +103,7 @@ class Engine:
         text_config = self.model.config.get_text_config()
         self.max_model_len = int(config.max_model_len or getattr(text_config, "max_position_embeddings", 4096))
 
-        self.cache = ExpertCache(build_policy(config.cache_policy), self.num_moe_layers, capacities,
+        self.cache = ExpertCache(self._build_policy(config.cache_policy), self.num_moe_layers, capacities,
                                  config.cache_scope)
         self.cache_policy = config.cache_policy
         self.transfer = build_transfer_engine(self.device, config.emulate_link_gbps, config.emulate_link_latency_us)
@@ -120,7 +122,7 @@ class Engine:
         self._setup_prefetch()
         self._setup_routing()
         self._setup_recorder()
-        self._next_seq_id = 0
+        self._seq_ids = itertools.count()  # sequence ids unique over the engine's life (traces need it)
         self.last_tokens_per_second = 0.0
 
     @classmethod
@@ -130,6 +132,19 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path: str | None = None, **kwargs) -> Engine:
         return cls(EngineConfig(model=None if path is None else str(path), **kwargs))
+
+    def _build_policy(self, name: str):
+        """Build a policy, giving it the model's shape when its constructor asks for it."""
+        from cache.base import _REGISTRY
+
+        factory = _REGISTRY.get(name)
+        kwargs = {}
+        if factory is not None:
+            params = inspect.signature(factory).parameters
+            for key, value in (("num_layers", self.num_moe_layers), ("num_experts", self.num_experts)):
+                if key in params:
+                    kwargs[key] = value
+        return build_policy(name, **kwargs)
 
     # -- optional parts ----------------------------------------------------------------
     def _setup_prefetch(self) -> None:
@@ -184,6 +199,16 @@ class Engine:
         runtime = self.runtime
         runtime.active = ActiveStep(rows, int(info.phase))
         runtime.counters.forward_steps += 1
+        request = getattr(info, "request", None)
+        if request is not None and getattr(info, "position", None) is not None:
+            # A sequence whose position 0 is in this forward starts here (first-appearance order).
+            first = info.position.cpu() == 0
+            if valid is not None:
+                first &= valid.cpu()
+            for rid in dict.fromkeys(request.cpu()[first].tolist()):
+                self.cache.start_request(rid)
+                if runtime.predictor is not None and hasattr(runtime.predictor, "begin_request"):
+                    runtime.predictor.begin_request()
         if runtime.predictor is not None:
             runtime.predictor.reset()
         if self.recorder is not None:
@@ -213,7 +238,8 @@ class Engine:
         from engine.generation import BatchGenerator
 
         return BatchGenerator(self.model, self.tokenizer, self.device, max_batch_size=max_batch_size,
-                              max_model_len=max_model_len or self.max_model_len, step_context=self.step_context)
+                              max_model_len=max_model_len or self.max_model_len, step_context=self.step_context,
+                              seq_ids=self._seq_ids)
 
     def generate(self, prompts, params=None, *, max_batch_size: int = 16):
         """Yield TokenEvents for one or several prompts (lists of token ids) as they are produced."""
@@ -242,7 +268,7 @@ class Engine:
     def set_cache_policy(self, name: str) -> None:
         if is_offline_only(name):
             raise ValueError(f"cache policy {name!r} needs the future and runs only in the simulator")
-        policy = build_policy(name)
+        policy = self._build_policy(name)
         self.runtime.drain()
         self.cache.set_policy(policy)
         self.cache_policy = name

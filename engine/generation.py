@@ -85,7 +85,10 @@ class BatchGenerator:
         max_batch_size: int = 16,
         max_model_len: int | None = None,
         step_context: StepContext | None = None,
+        seq_ids: Iterator[int] | None = None,
     ) -> None:
+        """``seq_ids``: where sequence ids come from (share one counter across generators to keep
+        ``StepInfo.request`` unique for the life of an engine)."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model
@@ -105,7 +108,7 @@ class BatchGenerator:
         self._running: list[_Sequence] = []  # row order of self._kv
         self._kv: BatchKV | None = None
         self._by_id: dict[str, _Sequence] = {}
-        self._next_seq_id = itertools.count()
+        self._next_seq_id = seq_ids if seq_ids is not None else itertools.count()
 
     # ---- public API -------------------------------------------------------------------------
 

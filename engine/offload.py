@@ -94,6 +94,8 @@ class OffloadRuntime:
     def forward(self, module: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         active = self.active
+        if self.routing is not None:
+            top_k_index = self.routing.substitute(module._moepager_layer, top_k_index, top_k_weights)
         if active is not None and active.valid_rows is not None:
             rows = active.valid_rows  # [R]: padding rows route too, but must not touch the cache
             out = torch.zeros_like(hidden)
@@ -107,8 +109,6 @@ class OffloadRuntime:
     def _forward_rows(self, module, hidden, top_k_index, top_k_weights, phase: int) -> torch.Tensor:
         layer = module._moepager_layer
         counters = self.counters
-        if self.routing is not None:
-            top_k_index = self.routing.substitute(layer, top_k_index)
         idx_host = top_k_index.to("cpu")  # sync: routing decides which experts must be resident  [T, K]
         unique = torch.unique(idx_host).tolist()
         step = self.step

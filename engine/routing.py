@@ -1,0 +1,50 @@
+"""Cache-aware routing in the live engine (opt-in; it changes outputs).
+
+Each MoE block's router is observed with a forward hook (a documented
+``nn.Module`` seam, no patching) so the experts function can see the router
+probabilities of the step; ``cache.routing.cache_aware_route`` decides the
+substitutions from them and the layer's residency.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cache.routing import cache_aware_route
+from engine.arch import router_of
+
+
+class CacheAwareRouting:
+    def __init__(self, engine, delta: float) -> None:
+        self.delta = float(delta)
+        self.cache = engine.cache
+        self.counters = engine.runtime.counters
+        self.num_experts = engine.num_experts
+        self._scores: list[torch.Tensor | None] = [None] * engine.num_moe_layers
+        # Sigmoid-scored routers (DeepSeek-V3 style, with a correction bias) are compared on sigmoid scores.
+        self._sigmoid = [hasattr(router_of(b), "e_score_correction_bias") for b in engine.blocks]
+        self._hooks = [router_of(block).register_forward_hook(self._hook(i)) for i, block in enumerate(engine.blocks)]
+
+    def _hook(self, layer: int):
+        def capture(_module, _inputs, output) -> None:
+            logits = output[0] if isinstance(output, tuple) else output
+            self._scores[layer] = logits.detach()
+
+        return capture
+
+    def substitute(self, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        logits = self._scores[layer]
+        if logits is None or self.delta == 0:
+            return top_k_index
+        logits = logits.float().reshape(-1, logits.shape[-1])  # [T, E]
+        scores = logits.sigmoid() if self._sigmoid[layer] else logits.softmax(dim=-1)
+        resident = torch.zeros(self.num_experts, dtype=torch.bool)
+        for key in self.cache.resident(layer):
+            resident[key.expert] = True
+        result = cache_aware_route(scores, top_k_index, top_k_weights, resident.to(scores.device), self.delta)
+        self.counters.routing_substitutions += int(result.substitutions)
+        return result.top_k_index
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
