@@ -17,20 +17,13 @@ from typing import Any
 
 from fastapi import Request
 
+from engine.generation import SamplingParams
 from server.errors import APIError, error_body
 from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, UsageInfo
 from server.scheduler import QueueFullError, Scheduler, SequenceStream
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DISCONNECT_POLL_S = 0.25
-
-
-def sampling_params_class() -> type:
-    try:
-        from engine.generation import SamplingParams
-    except ImportError:  # the generation loop re-exports it; fall back to its home module
-        from engine.sampling import SamplingParams
-    return SamplingParams
 
 
 # ---- app state ----------------------------------------------------------------------------
@@ -69,7 +62,14 @@ def check_model(request: Request, model: str | None) -> str:
 
 
 # ---- prompts ------------------------------------------------------------------------------
+def _require_tokenizer(tokenizer: Any, what: str) -> None:
+    if tokenizer is None:
+        raise APIError(400, f"this model has no tokenizer, so {what} cannot be used; send token ids to "
+                       "/v1/completions", param="prompt")
+
+
 def chat_prompt_ids(tokenizer: Any, body: ChatCompletionRequest) -> list[int]:
+    _require_tokenizer(tokenizer, "chat messages")
     try:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
@@ -94,6 +94,8 @@ def completion_prompts(tokenizer: Any, body: CompletionRequest, vocab_size: int)
             raise APIError(400, f"token id {bad[0]} is out of range [0, {vocab_size})", param="prompt")
         return [list(prompt)]
     texts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if texts:
+        _require_tokenizer(tokenizer, "text prompts")
     if not texts:
         raise APIError(400, "prompt must not be empty", param="prompt")
     return [list(tokenizer(t)["input_ids"]) for t in texts]
@@ -115,7 +117,8 @@ def prepare(request: Request, body: SamplingFields, prompts: list[list[int]], de
     if total > limit:
         raise APIError(400, f"request needs {total} sequences (prompts x n); at most {limit} fit in the queue",
                        param="n")
-    SamplingParams = sampling_params_class()
+    if body.stop and request.app.state.engine.tokenizer is None:
+        raise APIError(400, "stop strings need a tokenizer and this model has none", param="stop")
     out = []
     for prompt_ids in prompts:
         if not prompt_ids:

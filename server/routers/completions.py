@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from server import serving
-from server.errors import APIError
 from server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, ErrorResponse, random_id
 
 router = APIRouter()
@@ -42,7 +41,7 @@ async def create_completion(body: CompletionRequest, request: Request):
 
     results = await serving.collect(request, streams)
     if any(r.finish_reason is None for r in results):
-        raise APIError(400, "client disconnected")
+        return Response(status_code=499)  # the client left; nobody reads this (nginx's "client closed")
     return CompletionResponse(
         id=request_id, created=created, model=model, usage=serving.usage_of(results, body.n),
         choices=[CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason)

@@ -74,7 +74,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def live_server(app, timeout_s: float = 30.0) -> Iterator[str]:
+def live_server(app, timeout_s: float = 90.0) -> Iterator[str]:
     """Run ``app`` under uvicorn on a free port in a thread; yield its base URL."""
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",

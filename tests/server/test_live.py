@@ -25,7 +25,7 @@ def model_id(client) -> str:
 
 def gauge(base: str, name: str) -> float:
     text = httpx.get(base + "/metrics").text
-    match = re.search(rf"^moepager_{name} (\S+)$", text, re.M)
+    match = re.search(rf"^moepager_{name} (\S+)$", text, re.MULTILINE)
     assert match, name
     return float(match.group(1))
 

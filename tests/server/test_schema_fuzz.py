@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from serving_helpers import live_server, make_app
 
 schemathesis = pytest.importorskip("schemathesis")
-from schemathesis.checks import not_a_server_error  # noqa: E402
+from schemathesis.checks import not_a_server_error
 
 MAX_EXAMPLES = 12
 
