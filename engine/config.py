@@ -29,6 +29,7 @@ class EngineConfig:
     emulate_link_gbps: float | None = None
     emulate_link_latency_us: float = 0.0
     max_model_len: int | None = None
+    route_from_trace: str | None = None  # benchmarks: replay routing from a trace (outputs meaningless)
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -171,6 +171,13 @@ class Engine:
         self.runtime.planner = PrefetchPlanner(self.store.page_bytes, int(budget))
 
     def _setup_routing(self) -> None:
+        if self.config.route_from_trace is not None:
+            if self.config.cache_aware_routing is not None:
+                raise MoepagerError("--route-from-trace and --cache-aware-routing cannot be combined")
+            from engine.routing import TraceReplayRouting
+
+            self.runtime.routing = TraceReplayRouting(self, self.config.route_from_trace)
+            return
         if self.config.cache_aware_routing is None:
             return
         from engine.routing import CacheAwareRouting

@@ -48,3 +48,40 @@ class CacheAwareRouting:
     def close(self) -> None:
         for hook in self._hooks:
             hook.remove()
+
+
+class TraceReplayRouting:
+    """Benchmarks only: replace the router's choices with routing replayed from a trace.
+
+    Random-weight models route almost uniformly; replaying a real trace gives a
+    real-shape model the temporal and cross-layer structure of real routing, so
+    cache and prefetch behaviour (and so speed) are realistic. Rows of each forward
+    take the next rows of the trace (wrapping around); a trace with fewer layers or
+    experts than the model is mapped by modulo. Outputs are meaningless by design.
+    """
+
+    def __init__(self, engine, trace_path: str) -> None:
+        from traces.format import load_trace
+
+        trace = load_trace(trace_path, hidden=False)
+        if trace.num_rows == 0:
+            raise ValueError(f"{trace_path}: the trace has no rows to replay")
+        if trace.top_k < engine.top_k:
+            raise ValueError(f"{trace_path}: trace top_k {trace.top_k} < model top_k {engine.top_k}")
+        experts = torch.from_numpy(trace.experts.astype("int64"))[:, :, : engine.top_k]  # [N, L, K]
+        self.experts = experts % engine.num_experts
+        self.num_layers = engine.num_moe_layers
+        self.cursor = 0
+        self._rows = 0
+
+    def substitute(self, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        T = top_k_index.shape[0]
+        n, trace_layers = self.experts.shape[0], self.experts.shape[1]
+        rows = (torch.arange(T) + self.cursor) % n
+        replay = self.experts[rows, layer % trace_layers]  # [T, K]
+        if layer == self.num_layers - 1:
+            self.cursor = (self.cursor + T) % n
+        return replay.to(device=top_k_index.device, dtype=top_k_index.dtype)
+
+    def close(self) -> None:
+        return None

@@ -1,0 +1,223 @@
+"""Decode benchmark: plain transformers vs moepager on an OLMoE-shaped random model.
+
+Builds (once) a random-weight checkpoint with OLMoE's shape (default: hidden 1024, 16
+layers, 64 experts, top-8, expert intermediate 1024, bf16; sharded safetensors with an
+index), then runs each configuration in its own process so peak RSS is its own:
+
+- ``hf``: ``AutoModelForCausalLM.from_pretrained`` + greedy decode (the reference);
+- ``all``: moepager with every expert in a slot;
+- ``p25``: moepager with 25 % of experts in slots and an emulated 25 GB/s link;
+- ``load``: moepager load only (minimum slots): peak RSS against the checkpoint size.
+
+Prints a table and writes JSON (``--out``).
+
+    python -m bench.decode --out bench/decode.json            # full size (needs ~20 GB RAM)
+    python -m bench.decode --small --out /tmp/decode.json      # quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "olmoe": dict(hidden_size=1024, num_hidden_layers=16, num_experts=64, num_experts_per_tok=8,
+                  intermediate_size=1024, num_attention_heads=16, num_key_value_heads=16, vocab_size=50304),
+    "small": dict(hidden_size=256, num_hidden_layers=4, num_experts=16, num_experts_per_tok=4,
+                  intermediate_size=256, num_attention_heads=4, num_key_value_heads=4, vocab_size=8192),
+}
+
+
+def build_checkpoint(out: Path, shape: dict, dtype: torch.dtype, shard_bytes: int = 1_500_000_000) -> Path:
+    """Write a random OLMoE checkpoint shard by shard without materialising the model."""
+    from safetensors.torch import save_file
+    from transformers import OlmoeConfig
+
+    if (out / "config.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = OlmoeConfig(**shape, max_position_embeddings=4096, tie_word_embeddings=False)
+    cfg.dtype = "bfloat16" if dtype == torch.bfloat16 else "float32"
+    gen = torch.Generator().manual_seed(0)
+    H, I, E, V = shape["hidden_size"], shape["intermediate_size"], shape["num_experts"], shape["vocab_size"]
+    heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
+    head_dim = H // heads
+
+    def rnd(*s, std=0.02):
+        return (torch.randn(*s, generator=gen) * std).to(dtype)
+
+    tensors: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
+    shard = [0]
+
+    def flush(final: bool = False) -> None:
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if tensors and (final or size >= shard_bytes):
+            name = f"model-{shard[0]:05d}.safetensors"
+            save_file(tensors, str(out / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in tensors})
+            tensors.clear()
+            shard[0] += 1
+
+    tensors["model.embed_tokens.weight"] = rnd(V, H)
+    tensors["lm_head.weight"] = rnd(V, H)
+    tensors["model.norm.weight"] = torch.ones(H, dtype=dtype)
+    for layer in range(shape["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        tensors[p + "input_layernorm.weight"] = torch.ones(H, dtype=dtype)
+        tensors[p + "post_attention_layernorm.weight"] = torch.ones(H, dtype=dtype)
+        tensors[p + "self_attn.q_proj.weight"] = rnd(heads * head_dim, H)
+        tensors[p + "self_attn.k_proj.weight"] = rnd(kv * head_dim, H)
+        tensors[p + "self_attn.v_proj.weight"] = rnd(kv * head_dim, H)
+        tensors[p + "self_attn.o_proj.weight"] = rnd(H, heads * head_dim)
+        tensors[p + "self_attn.q_norm.weight"] = torch.ones(heads * head_dim, dtype=dtype)
+        tensors[p + "self_attn.k_norm.weight"] = torch.ones(kv * head_dim, dtype=dtype)
+        tensors[p + "mlp.gate.weight"] = rnd(E, H, std=0.5)
+        for e in range(E):
+            q = f"{p}mlp.experts.{e}."
+            tensors[q + "gate_proj.weight"] = rnd(I, H)
+            tensors[q + "up_proj.weight"] = rnd(I, H)
+            tensors[q + "down_proj.weight"] = rnd(H, I)
+        flush()
+        print(f"  wrote layer {layer + 1}/{shape['num_hidden_layers']}", file=sys.stderr, flush=True)
+    flush(final=True)
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg.save_pretrained(out)
+    return out
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_case(case: str, path: str, tokens: int, prompt_len: int, dtype: str) -> dict:
+    """One configuration, in this process."""
+    torch.manual_seed(0)
+    prompt = torch.randint(10, 1000, (prompt_len,)).tolist()
+    ckpt_bytes = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    if case == "hf":
+        from transformers import AutoModelForCausalLM
+
+        t0 = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+        load_s = time.perf_counter() - t0
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up
+            t0 = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+            prefill_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+            total = time.perf_counter() - t0
+        decode_tps = (tokens - 1) / max(total - prefill_s, 1e-9)
+        return dict(case=case, load_seconds=load_s, decode_tokens_per_second=decode_tps,
+                    peak_rss_bytes=_peak_rss_bytes(), checkpoint_bytes=ckpt_bytes,
+                    tokens=out.shape[1] - len(prompt))
+
+    from engine import Engine
+    from engine.generation import SamplingParams
+
+    kwargs = dict(device="cpu", dtype=dtype, progress=False)
+    if case == "all":
+        pass
+    elif case == "p25":
+        kwargs.update(expert_slots=None, emulate_link_gbps=25.0, emulate_link_latency_us=10.0)
+    elif case == "load":
+        pass
+    t0 = time.perf_counter()
+    if case in ("p25", "load"):
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(path)
+        per_layer = cfg.num_experts // 4 if case == "p25" else cfg.num_experts_per_tok
+        kwargs["expert_slots"] = per_layer * cfg.num_hidden_layers
+    eng = Engine.from_pretrained(path, **kwargs)
+    load_s = time.perf_counter() - t0
+    result = dict(case=case, load_seconds=load_s, peak_rss_bytes=_peak_rss_bytes(), checkpoint_bytes=ckpt_bytes)
+    if case == "load":
+        eng.close()
+        return result
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    warm = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    for _ in eng.generate([prompt], warm):
+        pass
+    before = eng.stats()
+    stamps = []
+    for ev in eng.generate([prompt], params):
+        if ev.token_id is not None:
+            stamps.append(time.perf_counter())
+    after = eng.stats()
+    decode_s = stamps[-1] - stamps[0]
+    decode_tokens = len(stamps) - 1
+    queries = after["queries"] - before["queries"]
+    hits = after["hits"] - before["hits"]
+    result.update(
+        decode_tokens_per_second=decode_tokens / max(decode_s, 1e-9),
+        hit_rate=hits / queries if queries else 0.0,
+        decode_hit_rate=None,
+        stall_seconds_per_token=(after["stall_seconds_decode"] - before["stall_seconds_decode"]) / max(decode_tokens, 1),
+        bytes_per_token=(after["bytes_transferred"] - before["bytes_transferred"]) / len(stamps),
+        expert_slots=after["expert_slots"],
+        tokens=len(stamps),
+    )
+    eng.close()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--small", action="store_true", help="a small model for a quick check")
+    ap.add_argument("--model-dir", default=None, help="where to build/keep the checkpoint")
+    ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--cases", default="load,hf,all,p25")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # child process
+    args = ap.parse_args(argv)
+    shape_name = "small" if args.small else "olmoe"
+    model_dir = Path(args.model_dir or f"/tmp/moepager-bench-{shape_name}-{args.dtype}")
+    if args.case:
+        print(json.dumps(run_case(args.case, str(model_dir), args.tokens, args.prompt_len, args.dtype)))
+        return 0
+    print(f"building {shape_name} checkpoint in {model_dir} ...", file=sys.stderr)
+    build_checkpoint(model_dir, SHAPES[shape_name], getattr(torch, args.dtype))
+    results = []
+    for case in args.cases.split(","):
+        cmd = [sys.executable, "-m", "bench.decode", "--case", case, "--model-dir", str(model_dir),
+               "--tokens", str(args.tokens), "--prompt-len", str(args.prompt_len), "--dtype", args.dtype]
+        print(f"running {case} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if proc.returncode != 0:
+            print(proc.stderr[-2000:], file=sys.stderr)
+            raise SystemExit(f"case {case} failed")
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    hf = next((r for r in results if r["case"] == "hf"), None)
+    print(f"\n{'case':<6} {'load s':>8} {'peak RSS GB':>12} {'ckpt GB':>8} {'decode tok/s':>13} {'vs hf':>6} "
+          f"{'hit rate':>9} {'stall ms/tok':>13}")
+    for r in results:
+        tps = r.get("decode_tokens_per_second")
+        ratio = tps / hf["decode_tokens_per_second"] if hf and tps else None
+        print(f"{r['case']:<6} {r['load_seconds']:>8.1f} {r['peak_rss_bytes'] / 1e9:>12.2f} "
+              f"{r['checkpoint_bytes'] / 1e9:>8.2f} {tps if tps else float('nan'):>13.2f} "
+              f"{ratio if ratio else float('nan'):>6.2f} {r.get('hit_rate', float('nan')):>9.3f} "
+              f"{r.get('stall_seconds_per_token', float('nan')) * 1e3:>13.2f}")
+    report = dict(shape=SHAPES[shape_name], dtype=args.dtype, tokens=args.tokens, prompt_len=args.prompt_len,
+                  results=results, machine=os.uname().nodename, cpus=os.cpu_count(),
+                  date=time.strftime("%Y-%m-%d"))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
