@@ -99,7 +99,7 @@ class Engine:
         self.num_experts = loaded.num_experts
         self.moe_layer_ids = [layer for layer, _, _ in loaded.moe_blocks]
         self.num_moe_layers = len(self.moe_layer_ids)
-        self.model_name = config.model or "moepager-default"
+        self.model_name = path.name if config.model else "moepager-default"
         text_config = self.model.config.get_text_config()
         self.max_model_len = int(config.max_model_len or getattr(text_config, "max_position_embeddings", 4096))
 
