@@ -36,9 +36,9 @@ _PER_EXPERT = re.compile(
 )
 _FUSED = re.compile(
     r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?P<block>mlp|block_sparse_moe)\.experts\."
-    r"(?P<param>gate_up_proj|down_proj|gate_up_proj_bias|down_proj_bias)$"
+    r"(?P<param>gate_up_proj|down_proj|gate_up_proj_bias|down_proj_bias"
+    r"|gate_up_proj_blocks|gate_up_proj_scales|down_proj_blocks|down_proj_scales)$"
 )
-_QUANTIZED = re.compile(r"experts\.(gate_up_proj|down_proj)_(blocks|scales)$")
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,24 @@ def parse_expert_key(name: str) -> ExpertTensorRef | None:
     return None
 
 
-def is_quantized_expert_key(name: str) -> bool:
-    return _QUANTIZED.search(name) is not None
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """MXFP4 (GPT-OSS checkpoints) -> dense, in the fused module's transposed layout.
+
+    blocks [R, G, 16] uint8 (two FP4 codes per byte, low nibble first), scales [R, G]
+    uint8 (power-of-two exponents biased by 127) -> [G*32, R]: on disk the rows are
+    the output features, the module stores the transpose.
+    """
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    rows, groups, width = blocks.shape
+    blocks = blocks.to(torch.uint8)
+    out = torch.empty(rows, groups, width * 2, dtype=torch.float32)
+    out[..., 0::2] = lut[(blocks & 0x0F).long()]
+    out[..., 1::2] = lut[(blocks >> 4).long()]
+    out = torch.ldexp(out, (scales.to(torch.int32) - 127).unsqueeze(-1).float())
+    return out.reshape(rows, groups * width * 2).t().to(dtype)
 
 
 def dense_key_candidates(name: str) -> list[str]:

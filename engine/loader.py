@@ -20,7 +20,6 @@ from engine.arch import (
     SUPPORTED_ARCHITECTURES,
     ExpertTensorRef,
     dense_key_candidates,
-    is_quantized_expert_key,
     layout_of,
     moe_layers,
     parse_expert_key,
@@ -111,11 +110,14 @@ def load_model(path: Path, dtype_name: str, device: torch.device, progress: bool
     config = load_config(path)
     reader = CheckpointReader(path)
     try:
-        quantized = [k for k in reader.keys() if is_quantized_expert_key(k)]
-        if quantized:
-            raise NotImplementedError(
-                f"quantized expert tensors ({quantized[0]}, MXFP4) are not supported yet; "
-                "use a checkpoint with bf16/fp16/fp32 experts")
+        quant = getattr(config, "quantization_config", None)
+        if quant is not None:
+            method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+            if str(method) != "mxfp4":
+                raise NotImplementedError(
+                    f"quantized checkpoints ({method}) are not supported; only GPT-OSS MXFP4 experts are "
+                    "(dequantized into host pages). Use a bf16/fp16/fp32 checkpoint")
+            del config.quantization_config  # experts are dequantized by the store; dense weights are plain
         with no_init_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         model.eval()

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from engine.arch import ExpertLayout, ExpertTensorRef, down_to_layout, fuse_gate_up
+from engine.arch import ExpertLayout, ExpertTensorRef, dequantize_mxfp4, down_to_layout, fuse_gate_up
 from engine.errors import ModelLoadError
 from engine.safetensors_io import CheckpointReader
 
@@ -110,6 +110,10 @@ class HostExpertStore:
         nbytes = 0
         for name, _start, shape in self.offsets:
             ref = fused.get(name)
+            if ref is None and f"{name}_blocks" in fused and f"{name}_scales" in fused:
+                nbytes += self._load_mxfp4(reader, moe_idx, name, shape, fused[f"{name}_blocks"],
+                                           fused[f"{name}_scales"])
+                continue
             if ref is None:
                 raise ModelLoadError(f"checkpoint lacks experts.{name} of layer {layer}")
             want = (self.num_experts, *shape)
@@ -122,6 +126,21 @@ class HostExpertStore:
             del full
             nbytes += reader.entries[ref.name].nbytes
         return nbytes
+
+
+    def _load_mxfp4(self, reader: CheckpointReader, moe_idx: int, name: str, shape: tuple[int, ...],
+                    blocks_ref: ExpertTensorRef, scales_ref: ExpertTensorRef) -> int:
+        blocks = reader.read(blocks_ref.name)  # [E, R, G, 16] uint8
+        scales = reader.read(scales_ref.name)  # [E, R, G] uint8
+        if blocks.shape[0] != self.num_experts or blocks.shape[:-1] != scales.shape:
+            raise ModelLoadError(f"{blocks_ref.name}: MXFP4 blocks {tuple(blocks.shape)} and scales "
+                                 f"{tuple(scales.shape)} do not fit {self.num_experts} experts")
+        for e in range(self.num_experts):
+            dense = dequantize_mxfp4(blocks[e], scales[e], self.dtype)  # [G*32, R]
+            if tuple(dense.shape) != tuple(shape):
+                raise ModelLoadError(f"{blocks_ref.name}: dequantizes to {tuple(dense.shape)}, expected {shape}")
+            self.part(self.page(moe_idx, e), name).copy_(dense)
+        return reader.entries[blocks_ref.name].nbytes + reader.entries[scales_ref.name].nbytes
 
 
 def print_progress(prefix: str = "loading experts") -> Callable[[int, int, int], None]:
