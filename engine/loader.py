@@ -179,15 +179,13 @@ def _load_dense(model: torch.nn.Module, reader: CheckpointReader, keys: list[str
         with torch.no_grad():
             reader.read_into(key, target.data)
         loaded.add(name)
-    if getattr(model.config, "tie_word_embeddings", False) or getattr(
-            model.config.get_text_config(), "tie_word_embeddings", False):
+    if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
         model.tie_weights()
-        loaded.update(n for n, p in targets.items() if any(p is targets[m] for m in loaded if m in targets))
-    persistent = set(model.state_dict().keys())
-    missing = sorted(n for n in persistent if n not in loaded and not _is_expert_param(n))
-    # Tied parameters appear under both names; one load fills both.
-    data_loaded = {targets[n].data_ptr() for n in loaded if n in targets}
-    missing = [n for n in missing if not (n in targets and targets[n].data_ptr() in data_loaded)]
+    # Tied parameters appear under several names; one load fills them all, so compare storage.
+    loaded_ptrs = {targets[n].data_ptr() for n in loaded}
+    state = model.state_dict()
+    missing = sorted(n for n, t in state.items()
+                     if n not in loaded and not _is_expert_param(n) and t.data_ptr() not in loaded_ptrs)
     if missing:
         raise ModelLoadError(f"checkpoint lacks {len(missing)} dense tensors the model needs (first: {missing[0]})")
 

@@ -83,3 +83,15 @@ def test_slot_memory_never_exceeds_budget(tiny_model_dir):
         assert eng.stats()["expert_cache_capacity_bytes"] == held
         eng.logits(torch.randint(3, 128, (1, 16)))
         assert eng.stats()["expert_cache_used_bytes"] <= budget
+
+
+def test_tied_embeddings_load_and_match(tmp_path):
+    from tiny_models import build_tiny_model
+
+    path = build_tiny_model("olmoe", tmp_path / "tied", tie_word_embeddings=True)
+    ref = _reference(path)
+    ids = torch.randint(3, 128, (1, 8))
+    with torch.no_grad():
+        want = ref(ids).logits
+    with Engine.from_pretrained(path, device="cpu", expert_slots=6, progress=False) as eng:
+        torch.testing.assert_close(eng.logits(ids), want, atol=ATOL, rtol=0)
