@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 SHAPES = {
-    "olmoe": dict(hidden_size=1024, num_hidden_layers=16, num_experts=64, num_experts_per_tok=8,
-                  intermediate_size=1024, num_attention_heads=16, num_key_value_heads=16, vocab_size=50304),
-    "small": dict(hidden_size=256, num_hidden_layers=4, num_experts=16, num_experts_per_tok=4,
-                  intermediate_size=256, num_attention_heads=4, num_key_value_heads=4, vocab_size=8192),
+    "olmoe": {"hidden_size": 1024, "num_hidden_layers": 16, "num_experts": 64, "num_experts_per_tok": 8,
+                  "intermediate_size": 1024, "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 50304},
+    "small": {"hidden_size": 256, "num_hidden_layers": 4, "num_experts": 16, "num_experts_per_tok": 4,
+                  "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 8192},
 }
 
 
@@ -119,14 +119,14 @@ def run_case(case: str, path: str, tokens: int, prompt_len: int, dtype: str) -> 
             out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
             total = time.perf_counter() - t0
         decode_tps = (tokens - 1) / max(total - prefill_s, 1e-9)
-        return dict(case=case, load_seconds=load_s, decode_tokens_per_second=decode_tps,
-                    peak_rss_bytes=_peak_rss_bytes(), checkpoint_bytes=ckpt_bytes,
-                    tokens=out.shape[1] - len(prompt))
+        return {"case": case, "load_seconds": load_s, "decode_tokens_per_second": decode_tps,
+                    "peak_rss_bytes": _peak_rss_bytes(), "checkpoint_bytes": ckpt_bytes,
+                    "tokens": out.shape[1] - len(prompt)}
 
     from engine import Engine
     from engine.generation import SamplingParams
 
-    kwargs = dict(device="cpu", dtype=dtype, progress=False)
+    kwargs = {"device": "cpu", "dtype": dtype, "progress": False}
     if case == "all":
         pass
     elif case == "p25":
@@ -142,7 +142,7 @@ def run_case(case: str, path: str, tokens: int, prompt_len: int, dtype: str) -> 
         kwargs["expert_slots"] = per_layer * cfg.num_hidden_layers
     eng = Engine.from_pretrained(path, **kwargs)
     load_s = time.perf_counter() - t0
-    result = dict(case=case, load_seconds=load_s, peak_rss_bytes=_peak_rss_bytes(), checkpoint_bytes=ckpt_bytes)
+    result = {"case": case, "load_seconds": load_s, "peak_rss_bytes": _peak_rss_bytes(), "checkpoint_bytes": ckpt_bytes}
     if case == "load":
         eng.close()
         return result
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "bench.decode", "--case", case, "--model-dir", str(model_dir),
                "--tokens", str(args.tokens), "--prompt-len", str(args.prompt_len), "--dtype", args.dtype]
         print(f"running {case} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         if proc.returncode != 0:
             print(proc.stderr[-2000:], file=sys.stderr)
             raise SystemExit(f"case {case} failed")
@@ -211,9 +211,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['checkpoint_bytes'] / 1e9:>8.2f} {tps if tps else float('nan'):>13.2f} "
               f"{ratio if ratio else float('nan'):>6.2f} {r.get('hit_rate', float('nan')):>9.3f} "
               f"{r.get('stall_seconds_per_token', float('nan')) * 1e3:>13.2f}")
-    report = dict(shape=SHAPES[shape_name], dtype=args.dtype, tokens=args.tokens, prompt_len=args.prompt_len,
-                  results=results, machine=os.uname().nodename, cpus=os.cpu_count(),
-                  date=time.strftime("%Y-%m-%d"))
+    report = {"shape": SHAPES[shape_name], "dtype": args.dtype, "tokens": args.tokens, "prompt_len": args.prompt_len,
+                  "results": results, "machine": os.uname().nodename, "cpus": os.cpu_count(),
+                  "date": time.strftime("%Y-%m-%d")}
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
     return 0

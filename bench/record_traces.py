@@ -38,7 +38,7 @@ CHAT_PROMPTS = [
 def _chunks(text: str, tokenizer, count: int, prompt_tokens: int, seed: int) -> list[list[int]]:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     rng = random.Random(seed)
-    starts = sorted(rng.sample(range(0, max(1, len(ids) - prompt_tokens)), count))
+    starts = sorted(rng.sample(range(max(1, len(ids) - prompt_tokens)), count))
     return [ids[s : s + prompt_tokens] for s in starts]
 
 

@@ -16,6 +16,7 @@ import inspect
 import itertools
 import time
 from collections.abc import Iterator
+from typing import Self
 
 import torch
 
@@ -190,8 +191,8 @@ class Engine:
             return
         from traces.recorder import TraceRecorder
 
-        meta = dict(model=str(self.path), architecture=self.model.config.model_type,
-                    moe_layers=self.moe_layer_ids, experts=self.num_experts, top_k=self.top_k)
+        meta = {"model": str(self.path), "architecture": self.model.config.model_type,
+                    "moe_layers": self.moe_layer_ids, "experts": self.num_experts, "top_k": self.top_k}
         self.recorder = TraceRecorder(self.config.record_trace, meta)
         self.runtime.recorder = self.recorder
 
@@ -288,47 +289,47 @@ class Engine:
         c = self.runtime.counters
         queries = sum(map(sum, c.queries))
         hits = sum(map(sum, c.hits))
-        return dict(
-            hits=hits,
-            misses=queries - hits,
-            queries=queries,
-            hit_rate=hits / queries if queries else 0.0,
-            hits_per_layer=[c.hits[0][i] + c.hits[1][i] for i in range(c.num_layers)],
-            queries_per_layer=[c.queries[0][i] + c.queries[1][i] for i in range(c.num_layers)],
-            decode_hit_rate=sum(c.hits[1]) / sum(c.queries[1]) if sum(c.queries[1]) else 0.0,
-            bytes_transferred=c.demand_bytes + c.prefetch_bytes,
-            demand_bytes=c.demand_bytes,
-            prefetch_bytes=c.prefetch_bytes,
-            stall_seconds=sum(c.stall_seconds),
-            stall_seconds_prefill=c.stall_seconds[0],
-            stall_seconds_decode=c.stall_seconds[1],
-            prefetch=dict(issued=c.prefetch_issued, useful=c.prefetch_useful, wasted=c.prefetch_wasted,
-                          late=c.prefetch_late),
-            cpu_computed=c.cpu_computed,
-            routing_substitutions=c.routing_substitutions,
-            expert_slots=self.cache.num_slots,
-            expert_cache_capacity_bytes=c.capacity_bytes,
-            expert_cache_used_bytes=c.used_bytes,
-            forward_steps=c.forward_steps,
-            tokens_per_second=self.last_tokens_per_second,
-            cache_policy=self.cache_policy,
-            prefetch_name=self.config.prefetch,
-            device=str(self.device),
-        )
+        return {
+            "hits": hits,
+            "misses": queries - hits,
+            "queries": queries,
+            "hit_rate": hits / queries if queries else 0.0,
+            "hits_per_layer": [c.hits[0][i] + c.hits[1][i] for i in range(c.num_layers)],
+            "queries_per_layer": [c.queries[0][i] + c.queries[1][i] for i in range(c.num_layers)],
+            "decode_hit_rate": sum(c.hits[1]) / sum(c.queries[1]) if sum(c.queries[1]) else 0.0,
+            "bytes_transferred": c.demand_bytes + c.prefetch_bytes,
+            "demand_bytes": c.demand_bytes,
+            "prefetch_bytes": c.prefetch_bytes,
+            "stall_seconds": sum(c.stall_seconds),
+            "stall_seconds_prefill": c.stall_seconds[0],
+            "stall_seconds_decode": c.stall_seconds[1],
+            "prefetch": {"issued": c.prefetch_issued, "useful": c.prefetch_useful, "wasted": c.prefetch_wasted,
+                          "late": c.prefetch_late},
+            "cpu_computed": c.cpu_computed,
+            "routing_substitutions": c.routing_substitutions,
+            "expert_slots": self.cache.num_slots,
+            "expert_cache_capacity_bytes": c.capacity_bytes,
+            "expert_cache_used_bytes": c.used_bytes,
+            "forward_steps": c.forward_steps,
+            "tokens_per_second": self.last_tokens_per_second,
+            "cache_policy": self.cache_policy,
+            "prefetch_name": self.config.prefetch,
+            "device": str(self.device),
+        }
 
     def expert_stats(self) -> dict:
         c = self.runtime.counters
         resident = [[k.expert for k in self.cache.resident(layer)] for layer in range(self.num_moe_layers)]
-        return dict(
-            moe_layers=self.moe_layer_ids,
-            num_experts=self.num_experts,
-            top_k=self.top_k,
-            activations=[list(row) for row in c.activations],
-            resident=[sorted(r) for r in resident],
-            hits=[c.hits[0][i] + c.hits[1][i] for i in range(c.num_layers)],
-            queries=[c.queries[0][i] + c.queries[1][i] for i in range(c.num_layers)],
-            cache_policy=self.cache_policy,
-        )
+        return {
+            "moe_layers": self.moe_layer_ids,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "activations": [list(row) for row in c.activations],
+            "resident": [sorted(r) for r in resident],
+            "hits": [c.hits[0][i] + c.hits[1][i] for i in range(c.num_layers)],
+            "queries": [c.queries[0][i] + c.queries[1][i] for i in range(c.num_layers)],
+            "cache_policy": self.cache_policy,
+        }
 
     def close(self) -> None:
         self.runtime.drain()
@@ -337,7 +338,7 @@ class Engine:
             self.recorder.close()
             self.recorder = None
 
-    def __enter__(self) -> Engine:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -137,7 +137,7 @@ def load_model(path: Path, dtype_name: str, device: torch.device, progress: bool
         refs: dict[int, list[ExpertTensorRef]] = {}
         dense_keys = []
         ignored = []
-        for key in reader.keys():
+        for key in reader:
             ref = parse_expert_key(key)
             if ref is None:
                 dense_keys.append(key)

@@ -394,14 +394,12 @@ def train(cfg: TinyConfig, data: str | None, out: str | Path, *, log=print,
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     mcfg = build_config(cfg, tokenizer)
-    mcfg._experts_implementation = cfg.experts_implementation  # noqa: SLF001 - public setter below
+    mcfg._experts_implementation = cfg.experts_implementation
     from transformers import OlmoeForCausalLM
 
     model = OlmoeForCausalLM(mcfg)
-    try:
+    if hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation(cfg.experts_implementation)
-    except Exception:  # noqa: BLE001 - older transformers: eager is the default anyway
-        pass
     device = torch.device(cfg.device)
     model.to(device)
     model.train()
@@ -477,7 +475,7 @@ def train(cfg: TinyConfig, data: str | None, out: str | Path, *, log=print,
         "data": {"path": str(data or find_default_data()), "documents": len(docs),
                  "train_documents": len(train_docs), "heldout_documents": len(held_docs),
                  "train_chars": n_train_chars, "heldout_chars": n_held_chars,
-                 "train_tokens": int(len(train_ids)), "heldout_tokens": int(len(held_ids))},
+                 "train_tokens": len(train_ids), "heldout_tokens": len(held_ids)},
         "parameters": n_params,
         "expert_parameters": n_expert,
         "steps": steps_done,

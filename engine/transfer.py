@@ -24,7 +24,7 @@ PREFETCH = 1
 
 
 class CopyHandle:
-    __slots__ = ("key", "slot", "nbytes", "kind", "state", "_done", "event", "src", "dst")
+    __slots__ = ("_done", "dst", "event", "key", "kind", "nbytes", "slot", "src", "state")
 
     def __init__(self, key, slot: int, nbytes: int, kind: int, src: torch.Tensor, dst: torch.Tensor) -> None:
         self.key = key

@@ -18,9 +18,8 @@ Outcomes, counted once per issued prefetch:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Set
 from dataclasses import dataclass
-from typing import AbstractSet
 
 from cache.base import ExpertKey
 from cache.manager import ExpertCache
@@ -52,7 +51,7 @@ class PrefetchPlanner:
         self,
         predictions: Iterable[tuple[ExpertKey, float]],
         cache: ExpertCache,
-        needed_now: AbstractSet[ExpertKey],
+        needed_now: Set[ExpertKey],
     ) -> list[tuple[ExpertKey, int, ExpertKey | None]]:
         """Choose what to copy now; reserves slots in ``cache``.
 

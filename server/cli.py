@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"moepager: error: {message}", file=sys.stderr)
         return 2
-    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, no traceback
+    except Exception as exc:
         if os.environ.get("MOEPAGER_DEBUG"):
             raise
         print(f"moepager: internal error: {type(exc).__name__}: {exc} (set MOEPAGER_DEBUG=1 for a traceback)",

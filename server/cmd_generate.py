@@ -81,10 +81,10 @@ def run(args: argparse.Namespace) -> int:
         stats = engine.stats()
     text = "".join(text_parts)
     if args.json:
-        out = dict(token_ids=token_ids, text=text, finish_reason=finish_reason, prompt_tokens=len(ids),
-                   stats={k: stats[k] for k in ("hits", "misses", "hit_rate", "bytes_transferred", "stall_seconds",
+        out = {"token_ids": token_ids, "text": text, "finish_reason": finish_reason, "prompt_tokens": len(ids),
+                   "stats": {k: stats[k] for k in ("hits", "misses", "hit_rate", "bytes_transferred", "stall_seconds",
                                                 "tokens_per_second", "queries", "demand_bytes", "prefetch_bytes",
-                                                "prefetch", "expert_slots", "cache_policy")})
+                                                "prefetch", "expert_slots", "cache_policy")}}
         print(json.dumps(out))
     else:
         print()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from cache.base import policy_names
 from engine.config import DEVICES, DTYPES, SCOPES, EngineConfig
@@ -24,7 +25,7 @@ def _non_negative_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value < 0 or value != value:
+    if value < 0 or math.isnan(value):
         raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
     return value
 
@@ -79,22 +80,22 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:
-    fields = dict(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        expert_slots=args.expert_slots,
-        expert_cache_gb=args.expert_cache_gb,
-        cache_scope=args.cache_scope,
-        cache_policy=args.cache_policy,
-        prefetch=args.prefetch,
-        prefetch_lookahead=args.prefetch_lookahead,
-        predictor_path=args.predictor_path,
-        prefetch_budget_mb=args.prefetch_budget_mb,
-        cache_aware_routing=args.cache_aware_routing,
-        record_trace=args.record_trace,
-        emulate_link_gbps=args.emulate_link_gbps,
-        emulate_link_latency_us=args.emulate_link_latency_us,
-    )
+    fields = {
+        "model": args.model,
+        "device": args.device,
+        "dtype": args.dtype,
+        "expert_slots": args.expert_slots,
+        "expert_cache_gb": args.expert_cache_gb,
+        "cache_scope": args.cache_scope,
+        "cache_policy": args.cache_policy,
+        "prefetch": args.prefetch,
+        "prefetch_lookahead": args.prefetch_lookahead,
+        "predictor_path": args.predictor_path,
+        "prefetch_budget_mb": args.prefetch_budget_mb,
+        "cache_aware_routing": args.cache_aware_routing,
+        "record_trace": args.record_trace,
+        "emulate_link_gbps": args.emulate_link_gbps,
+        "emulate_link_latency_us": args.emulate_link_latency_us,
+    }
     fields.update(overrides)
     return EngineConfig(**fields)

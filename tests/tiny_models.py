@@ -21,12 +21,12 @@ def tiny_config(arch: str, *, layers: int = 3, experts: int = 8, top_k: int = 2,
         Qwen3MoeConfig,
     )
 
-    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
-                  pad_token_id=0, tie_word_embeddings=tie_word_embeddings)
-    mla = dict(num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
-               intermediate_size=48, moe_intermediate_size=16, n_routed_experts=experts, n_shared_experts=1,
-               num_experts_per_tok=top_k, first_k_dense_replace=1, n_group=2, topk_group=1)
+    common = {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": layers, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "max_position_embeddings": 256, "bos_token_id": 1, "eos_token_id": 2,
+                  "pad_token_id": 0, "tie_word_embeddings": tie_word_embeddings}
+    mla = {"num_key_value_heads": 4, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8,
+               "intermediate_size": 48, "moe_intermediate_size": 16, "n_routed_experts": experts, "n_shared_experts": 1,
+               "num_experts_per_tok": top_k, "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1}
     builders = {
         "mixtral": lambda: MixtralConfig(**common, intermediate_size=16, num_local_experts=experts,
                                          num_experts_per_tok=top_k),

@@ -10,7 +10,7 @@ import pytest
 
 def _run(*args):
     proc = subprocess.run([sys.executable, "-m", "server.cli", "generate", *args], capture_output=True, text=True,
-                          timeout=300)
+                          check=False, timeout=300)
     return proc.returncode, proc.stdout, proc.stderr
 
 

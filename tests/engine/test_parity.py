@@ -6,9 +6,9 @@ the order of the per-expert matmuls versus transformers' grouped kernel).
 
 import pytest
 import torch
+from tiny_models import ARCHITECTURES, tiny_config
 
 from engine import Engine
-from tiny_models import ARCHITECTURES, tiny_config
 
 ATOL = 1e-4
 LAYERS = 3
