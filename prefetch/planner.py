@@ -18,7 +18,8 @@ Outcomes, counted once per issued prefetch:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Set
+from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from cache.base import ExpertKey
@@ -51,7 +52,7 @@ class PrefetchPlanner:
         self,
         predictions: Iterable[tuple[ExpertKey, float]],
         cache: ExpertCache,
-        needed_now: Set[ExpertKey],
+        needed_now: AbstractSet[ExpertKey],
     ) -> list[tuple[ExpertKey, int, ExpertKey | None]]:
         """Choose what to copy now; reserves slots in ``cache``.
 
