@@ -87,6 +87,9 @@ class ExpertCache:
             return list(self._where)
         return [k for k in self._resident[self.scope_of(layer)] if k.layer == layer]
 
+    def has_free_slot(self, layer: int) -> bool:
+        return bool(self._free[self.scope_of(layer)])
+
     def used_slots(self) -> int:
         return len(self._where)
 
@@ -134,6 +137,16 @@ class ExpertCache:
                 res.misses.append((key, slot, evicted))
             results.append(res)
         return results
+
+    def bypass(self, layer: int, experts: Iterable[int], step: int) -> None:
+        """Count misses that are served without a slot (computed where the expert lives, on the host).
+
+        The policy still sees the accesses, so its statistics stay true; nothing is inserted.
+        """
+        keys = self._keys_of(layer, experts)
+        for key in keys:
+            self.policy.on_access(key, False, step)
+        self.queries[layer] += len(keys)
 
     def _keys_of(self, layer: int, experts: Iterable[int]) -> list[ExpertKey]:
         # Interned keys: building namedtuples is a large share of the simulator's inner loop.

@@ -29,6 +29,7 @@ class EngineConfig:
     emulate_link_gbps: float | None = None
     emulate_link_latency_us: float = 0.0
     max_model_len: int | None = None
+    cpu_compute: str = "never"  # never | auto | always: run missed experts on the host (hybrid execution)
     route_from_trace: str | None = None  # benchmarks: replay routing from a trace (outputs meaningless)
     progress: bool = True
 
@@ -53,5 +54,7 @@ class EngineConfig:
             raise MoepagerError(f"--cache-aware-routing must be >= 0, got {self.cache_aware_routing}")
         if self.emulate_link_gbps is not None and self.emulate_link_gbps <= 0:
             raise MoepagerError(f"--emulate-link-gbps must be positive, got {self.emulate_link_gbps}")
+        if self.cpu_compute not in ("never", "auto", "always"):
+            raise MoepagerError(f"--cpu-compute must be one of never, auto, always, got {self.cpu_compute!r}")
         if self.emulate_link_latency_us < 0:
             raise MoepagerError(f"--emulate-link-latency-us must be >= 0, got {self.emulate_link_latency_us}")

@@ -120,6 +120,7 @@ class Engine:
             experts._moepager_runtime = self.runtime
         self.blocks = [block for _, block, _ in loaded.moe_blocks]
         self.model.set_experts_implementation(_IMPL_NAME)
+        self._setup_hybrid(loaded.moe_blocks[0][2])
         self._setup_prefetch()
         self._setup_routing()
         self._setup_recorder()
@@ -170,6 +171,15 @@ class Engine:
         budget = (cfg.prefetch_budget_mb * 1e6 if cfg.prefetch_budget_mb is not None
                   else self.runtime.counters.capacity_bytes / 4)
         self.runtime.planner = PrefetchPlanner(self.store.page_bytes, int(budget))
+
+    def _setup_hybrid(self, experts_module: torch.nn.Module) -> None:
+        if self.config.cpu_compute == "never":
+            return
+        from engine.cost import calibrate
+
+        hidden = self.store.layout.hidden
+        self.runtime.hybrid = calibrate(self.config.cpu_compute, self.runtime, experts_module, hidden,
+                                        self.config.emulate_link_gbps, self.config.emulate_link_latency_us)
 
     def _setup_routing(self) -> None:
         if self.config.route_from_trace is not None:
@@ -306,6 +316,7 @@ class Engine:
             "prefetch": {"issued": c.prefetch_issued, "useful": c.prefetch_useful, "wasted": c.prefetch_wasted,
                           "late": c.prefetch_late},
             "cpu_computed": c.cpu_computed,
+            "cpu_compute": self.runtime.hybrid.describe() if self.runtime.hybrid is not None else None,
             "routing_substitutions": c.routing_substitutions,
             "expert_slots": self.cache.num_slots,
             "expert_cache_capacity_bytes": c.capacity_bytes,

@@ -88,6 +88,7 @@ class OffloadRuntime:
         self.planner = None
         self.inflight: dict[ExpertKey, CopyHandle] = {}
         self.routing = None  # cache-aware routing hook (engine.routing), None when off
+        self.hybrid = None  # engine.cost.HybridCostModel when misses may run on the host
         self._layout = store.layout
 
     # -- the experts function ------------------------------------------------------------
@@ -110,18 +111,28 @@ class OffloadRuntime:
         layer = module._moepager_layer
         counters = self.counters
         idx_host = top_k_index.to("cpu")  # sync: routing decides which experts must be resident  [T, K]
-        unique = torch.unique(idx_host).tolist()
+        unique_t, counts_t = torch.unique(idx_host, return_counts=True)
+        unique, counts = unique_t.tolist(), counts_t.tolist()
         step = self.step
         self.step += 1
         act = counters.activations[layer]
-        for e, n in zip(*torch.unique(idx_host, return_counts=True)):
-            act[int(e)] += int(n)
+        for e, n in zip(unique, counts):
+            act[e] += n
         planner = self.planner
         if planner is not None:
             self._poll_prefetches()
             for e in unique:
                 planner.on_access(ExpertKey(layer, e))
-        waves = self.cache.access(layer, unique, step, pinned=self.inflight.keys())
+        on_host: list[int] = []
+        if self.hybrid is not None:
+            on_host = self._host_misses(layer, unique, counts)
+            if on_host:
+                self.cache.bypass(layer, on_host, step)
+                counters.queries[phase][layer] += len(on_host)
+                counters.cpu_computed += len(on_host)
+                skip = set(on_host)
+                unique = [e for e in unique if e not in skip]
+        waves = self.cache.access(layer, unique, step, pinned=self.inflight.keys()) if unique else []
         T, K = idx_host.shape
         weighted = torch.zeros((T * K, hidden.shape[-1]), dtype=torch.promote_types(hidden.dtype, top_k_weights.dtype),
                                device=hidden.device)  # [T*K, H]
@@ -148,6 +159,8 @@ class OffloadRuntime:
                     self.transfer.wait(handle)
                 counters.stall_seconds[phase] += time.perf_counter() - t0
             self._compute_wave(module, hidden, idx_flat, weights_flat, weighted, wave.slots(), K)
+        if on_host:
+            self._compute_on_host(module, hidden, idx_flat, weights_flat, weighted, layer, on_host, K)
         self.transfer.after_compute()
         counters.used_bytes = self.cache.used_slots() * self.page_bytes
         if self.recorder is not None:
@@ -173,6 +186,37 @@ class OffloadRuntime:
                 lay.is_transposed,
             )  # [n, H]
             weighted[pos] = y * weights_flat[pos].unsqueeze(-1)
+
+    # -- hybrid execution ---------------------------------------------------------------
+    def _host_misses(self, layer: int, unique: list[int], counts: list[int]) -> list[int]:
+        """Misses the cost model sends to the host instead of fetching."""
+        cache, hybrid, inflight = self.cache, self.hybrid, self.inflight
+        out = []
+        free = cache.has_free_slot(layer)
+        for e, n in zip(unique, counts):
+            key = ExpertKey(layer, e)
+            if cache.is_resident(key) or key in inflight:
+                continue
+            if hybrid.prefer_host(n, free):
+                out.append(e)
+        return out
+
+    def _compute_on_host(self, module, hidden, idx_flat, weights_flat, weighted, layer: int, experts: list[int],
+                         K: int) -> None:
+        lay = self._layout
+        store = self.store
+        for expert in experts:
+            pos = (idx_flat == expert).nonzero().squeeze(1)  # host [n]
+            page = store.page(layer, expert)
+            x = hidden[(pos // K).to(hidden.device)].to("cpu")  # [n, H]
+            y = expert_ffn(
+                module, x, store.part(page, "gate_up_proj"), store.part(page, "down_proj"),
+                store.part(page, "gate_up_proj_bias") if lay.has_bias else None,
+                store.part(page, "down_proj_bias") if lay.has_bias else None,
+                lay.is_transposed,
+            )  # [n, H] on the host
+            pos = pos.to(hidden.device)
+            weighted[pos] = y.to(hidden.device) * weights_flat[pos].unsqueeze(-1)
 
     # -- prefetch -----------------------------------------------------------------------
     def _poll_prefetches(self) -> None:

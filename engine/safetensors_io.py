@@ -101,6 +101,9 @@ class CheckpointReader:
     def keys(self) -> list[str]:
         return list(self.entries)
 
+    def __iter__(self):
+        return iter(self.entries)
+
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self.entries.values())
 

@@ -72,6 +72,12 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     add_prefetch_flags(p)
     p.add_argument("--cache-aware-routing", type=_non_negative_float, default=None, metavar="DELTA",
                    help="substitute a resident expert whose router score is within DELTA (relative); changes outputs")
+    p.add_argument("--cpu-compute", default="never", choices=("never", "auto", "always"),
+                   help="run missed experts on the host instead of copying them: auto lets a measured cost model "
+                        "decide per miss (hybrid execution)")
+    p.add_argument("--cpu-compute", default="never", choices=("never", "auto", "always"),
+                   help="run missed experts on the host instead of copying them; auto: a measured cost model "
+                        "decides per miss (hybrid execution)")
     p.add_argument("--record-trace", default=None, metavar="PATH", help="record routing to a trace file")
     p.add_argument("--emulate-link-gbps", type=_positive_float, default=None,
                    help="CPU device only: emulate a host-to-device link of this bandwidth")
@@ -96,6 +102,7 @@ def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConf
         "record_trace": args.record_trace,
         "emulate_link_gbps": args.emulate_link_gbps,
         "emulate_link_latency_us": args.emulate_link_latency_us,
+        "cpu_compute": getattr(args, "cpu_compute", "never"),
     }
     fields.update(overrides)
     return EngineConfig(**fields)

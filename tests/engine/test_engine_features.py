@@ -100,3 +100,23 @@ def test_emulated_link_stalls_are_measured(tiny_model_dir):
     # 8 KB pages over a 0.01 GB/s link: ~0.6 ms per copy, so stalls are clearly visible.
     _, _, slow = _run(path, expert_slots=6, emulate_link_gbps=0.01)
     assert slow["stall_seconds"] > slow["misses"] * 0.0004
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "gpt_oss"])
+def test_host_computed_misses_keep_outputs(tiny_model_dir, arch):
+    path = tiny_model_dir(arch)
+    base_tokens, base_logits, base = _run(path, expert_slots=6)
+    tokens, logits, stats = _run(path, expert_slots=6, cpu_compute="always")
+    assert tokens == base_tokens
+    torch.testing.assert_close(logits, base_logits, atol=1e-5, rtol=0)
+    assert stats["cpu_computed"] > 0
+    assert stats["bytes_transferred"] < base["bytes_transferred"]
+    assert stats["queries"] == base["queries"]  # host-computed misses still count as cache queries
+
+
+def test_cost_model_prefers_host_on_a_slow_link(tiny_model_dir):
+    path = tiny_model_dir("olmoe")
+    # a 1 MB/s link makes every copy far slower than a tiny host matmul
+    _, _, stats = _run(path, expert_slots=6, cpu_compute="auto", emulate_link_gbps=0.001)
+    assert stats["cpu_compute"]["fetch_seconds"] > stats["cpu_compute"]["host_seconds_1"]
+    assert stats["cpu_computed"] > 0
