@@ -137,8 +137,8 @@ def expert_ffn(module: torch.nn.Module, x: torch.Tensor, gate_up: torch.Tensor, 
     CPU tensors always take the reference; on CUDA, SiLU-gated modules take the
     fused native op for decode-sized n when it is built.
     """
-    if x.is_cuda and x.shape[0] <= MAX_NATIVE_TOKENS and gate_up_bias is None and silu_layout(module) is not None \
-            and native.available():
+    if x.is_cuda and x.shape[0] <= MAX_NATIVE_TOKENS and gate_up_bias is None and down_bias is None \
+            and silu_layout(module) is not None and native.available():
         return torch.ops.moepager.expert_ffn_silu(x, gate_up, down, transposed, _silu_layouts[module])
     return expert_ffn_reference(module, x, gate_up, down, gate_up_bias, down_bias, transposed)
 

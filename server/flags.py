@@ -73,9 +73,6 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-aware-routing", type=_non_negative_float, default=None, metavar="DELTA",
                    help="substitute a resident expert whose router score is within DELTA (relative); changes outputs")
     p.add_argument("--cpu-compute", default="never", choices=("never", "auto", "always"),
-                   help="run missed experts on the host instead of copying them: auto lets a measured cost model "
-                        "decide per miss (hybrid execution)")
-    p.add_argument("--cpu-compute", default="never", choices=("never", "auto", "always"),
                    help="run missed experts on the host instead of copying them; auto: a measured cost model "
                         "decides per miss (hybrid execution)")
     p.add_argument("--record-trace", default=None, metavar="PATH", help="record routing to a trace file")
