@@ -498,8 +498,11 @@ def train(cfg: TinyConfig, data: str | None, out: str | Path, *, log=print,
 # evaluation
 
 
-def evaluate(model, token_ids, context: int = 256, max_windows: int = 64, batch_size: int = 8) -> dict:
+def evaluate(model, token_ids, context: int = 256, max_windows: int = 64, batch_size: int = 8,
+             spread: bool = False) -> dict:
     """Held-out perplexity and per-layer routing statistics over non-overlapping windows.
+
+    Windows are the first ``max_windows`` of the stream, or with ``spread`` evenly spaced over it.
 
     * ``heldout_ppl``: exp of the mean next-token cross-entropy.
     * ``routing_entropy_norm``: entropy of each layer's expert load (how often each expert is in
@@ -513,9 +516,12 @@ def evaluate(model, token_ids, context: int = 256, max_windows: int = 64, batch_
     import torch
 
     ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64))
-    n = min(max_windows, (len(ids) - 1) // context)
+    total = (len(ids) - 1) // context
+    n = min(max_windows, total)
     if n < 1:
         raise ValueError(f"need more than {context} tokens to evaluate, got {len(ids)}")
+    # window starts: the first n windows, or (spread=True) n windows evenly spaced over the text
+    starts = [(i * total // n) * context if spread else i * context for i in range(n)]
     cfg = model.config
     E, K, L = cfg.num_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers
     nll, count = 0.0, 0
@@ -527,7 +533,7 @@ def evaluate(model, token_ids, context: int = 256, max_windows: int = 64, batch_
     model.eval()
     with torch.no_grad():
         for b in range(0, n, batch_size):
-            rows = [ids[i * context:(i + 1) * context + 1] for i in range(b, min(n, b + batch_size))]
+            rows = [ids[s0:s0 + context + 1] for s0 in starts[b:b + batch_size]]
             batch = torch.stack(rows).to(device)
             out = model(input_ids=batch[:, :-1], output_router_logits=True)
             logits = out.logits.float()
