@@ -22,6 +22,7 @@ import torch
 
 from cache.base import build_policy, is_offline_only
 from cache.manager import ExpertCache
+from cuda_ext import select_expert_ffn
 from engine.config import EngineConfig
 from engine.errors import BudgetError, MoepagerError
 from engine.loader import load_model, resolve_device, resolve_model_path
@@ -118,6 +119,7 @@ class Engine:
         for i, (_, block, experts) in enumerate(loaded.moe_blocks):
             experts._moepager_layer = i
             experts._moepager_runtime = self.runtime
+            experts._moepager_ffn = select_expert_ffn(experts, self.device)  # chosen once, never per call
         self.blocks = [block for _, block, _ in loaded.moe_blocks]
         self.model.set_experts_implementation(_IMPL_NAME)
         self._setup_hybrid(loaded.moe_blocks[0][2])

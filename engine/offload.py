@@ -179,7 +179,7 @@ class OffloadRuntime:
                 continue
             pos = pos.to(hidden.device, non_blocking=True)
             x = hidden[pos // K]  # [n, H]
-            y = expert_ffn(
+            y = module._moepager_ffn(
                 module, x, parts["gate_up_proj"][slot], parts["down_proj"][slot],
                 parts["gate_up_proj_bias"][slot] if lay.has_bias else None,
                 parts["down_proj_bias"][slot] if lay.has_bias else None,
