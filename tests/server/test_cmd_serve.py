@@ -76,3 +76,35 @@ def test_serve_loads_then_drains_on_sigterm(server_model_dir):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_without_model_answers_chat_with_the_embedded_model():
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = moepager("serve", "--device", "cpu", "--port", str(port), "--log-level", "warning")
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server never became healthy"
+            time.sleep(0.1)
+        model_id = httpx.get(base + "/v1/models").json()["data"][0]["id"]
+        assert model_id == "moepager-default"
+        body = {"model": model_id, "max_tokens": 24, "temperature": 0,
+                "messages": [{"role": "user", "content": "How do I open a file in Python?"}]}
+        r = httpx.post(base + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        text = r.json()["choices"][0]["message"]["content"]
+        assert text.strip(), r.json()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
