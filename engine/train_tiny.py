@@ -654,7 +654,7 @@ AdamW (betas 0.9/0.95, weight decay {c['weight_decay']}, no decay on norms), pea
 
 Final training loss (exponential moving average): {metrics['final_loss_ema']:.3f}.
 
-## Evaluation (held-out split, {metrics['heldout_eval_tokens']:,} tokens, windows of {c['context']})
+## Evaluation (held-out split: its first {metrics['heldout_eval_tokens'] // c['context']} windows of {c['context']} tokens, {metrics['heldout_eval_tokens']:,} predicted tokens)
 | | perplexity |
 |---|---|
 | this model | **{metrics['heldout_ppl']:.2f}** |

@@ -18,10 +18,10 @@ HELDOUT = Path(__file__).resolve().parents[1] / "data" / "heldout.txt"
 # training tokens scores UNIGRAM_PPL_HELDOUT on the whole held-out split, and a unigram model fitted
 # on the sample itself (an optimistic, oracle unigram; computed in the test) scores about
 # UNIGRAM_PPL_SAMPLE. PPL_BOUND leaves slack for float differences and stays far below both.
-MODEL_PPL_MEASURED = 227.6
+MODEL_PPL_MEASURED = 110.5
 UNIGRAM_PPL_HELDOUT = 1027.5
 UNIGRAM_PPL_SAMPLE = 692.3
-PPL_BOUND = 260.0
+PPL_BOUND = 130.0
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_heldout_perplexity_far_below_unigram(model_and_tokenizer):
     ppl = stats["heldout_ppl"]
     assert math.isfinite(ppl)
     assert ppl < PPL_BOUND, (ppl, PPL_BOUND)
-    assert PPL_BOUND < oracle_unigram / 2.5 and PPL_BOUND < UNIGRAM_PPL_HELDOUT / 3.5
+    assert PPL_BOUND < oracle_unigram / 5 and PPL_BOUND < UNIGRAM_PPL_HELDOUT / 7
     # experts are all used, not collapsed onto a few: every layer's load entropy stays high
     assert min(stats["routing_entropy_norm"]) > 0.7, stats["routing_entropy_norm"]
     # routing is not random either: consecutive tokens share experts well above K/E
