@@ -110,10 +110,9 @@ class ExpertCache:
         scope = layer if self.scope == "layer" else 0
         if not pinned and len(keys) <= self.capacities[scope]:
             return [self._access_one_wave(layer, scope, keys, step)]
-        key_set = set(keys)
-        pinned_here = sum(
-            1 for k in pinned if k in self._where and k not in key_set and self.scope_of(k.layer) == scope
-        )
+        # Every pinned key stays protected in every wave (a copy in flight must never lose its slot),
+        # so each wave gets the slots the pinned keys leave.
+        pinned_here = sum(1 for k in pinned if k in self._where and self.scope_of(k.layer) == scope)
         cap = max(self.capacities[scope] - pinned_here, 1)
         hits = [k for k in keys if k in self._where]
         misses = [k for k in keys if k not in self._where]

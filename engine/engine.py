@@ -170,8 +170,10 @@ class Engine:
         self.runtime.predictor = build_predictor(
             cfg.prefetch, num_layers=self.num_moe_layers, num_experts=self.num_experts, top_k=self.top_k,
             lookahead=cfg.prefetch_lookahead, routers=routers, path=cfg.predictor_path)
+        # Default: one token's worth of experts for each predicted layer; more only queues copies
+        # behind each other so they land late.
         budget = (cfg.prefetch_budget_mb * 1e6 if cfg.prefetch_budget_mb is not None
-                  else self.runtime.counters.capacity_bytes / 4)
+                  else self.top_k * cfg.prefetch_lookahead * self.store.page_bytes)
         self.runtime.planner = PrefetchPlanner(self.store.page_bytes, int(budget))
 
     def _setup_hybrid(self, experts_module: torch.nn.Module) -> None:

@@ -150,6 +150,7 @@ class OffloadRuntime:
             for key, _slot in wave.hits:
                 pending = self.inflight.pop(key, None)
                 if pending is not None and not pending.done():
+                    self.transfer.promote(pending)  # a late prefetch: now a demand copy
                     waits.append(pending)
             counters.queries[phase][layer] += len(wave.hits) + len(wave.misses)
             counters.hits[phase][layer] += len(wave.hits)

@@ -72,6 +72,14 @@ class ThreadTransferEngine:
                 return True
         return False
 
+    def promote(self, handle: CopyHandle) -> None:
+        """A queued prefetch is needed now: move it ahead of the other prefetches."""
+        with self._cv:
+            if handle.state == "queued" and handle.kind != DEMAND:
+                handle.kind = DEMAND
+                heapq.heappush(self._heap, (DEMAND, next(self._seq), handle))  # the old entry is skipped
+                self._cv.notify()
+
     def wait(self, handle: CopyHandle) -> None:
         handle._done.wait()
 
@@ -95,8 +103,8 @@ class ThreadTransferEngine:
                 if self._closed and not self._heap:
                     return
                 _, _, handle = heapq.heappop(self._heap)
-                if handle.state == "cancelled":
-                    continue
+                if handle.state != "queued":
+                    continue  # cancelled, or an older entry of a promoted copy
                 handle.state = "running"
             start = time.perf_counter()
             handle.dst.copy_(handle.src)
@@ -132,6 +140,9 @@ class CudaTransferEngine:
     def cancel(self, handle: CopyHandle) -> bool:
         return False  # an issued DMA cannot be recalled; the stream orders later copies after it
 
+    def promote(self, handle: CopyHandle) -> None:
+        return None  # already issued on the copy stream
+
     def wait(self, handle: CopyHandle) -> None:
         # Block the host only on this copy: the stall is measured by the caller around this call.
         handle.event.synchronize()
@@ -165,6 +176,9 @@ class InlineTransferEngine:
 
     def cancel(self, handle: CopyHandle) -> bool:
         return False
+
+    def promote(self, handle: CopyHandle) -> None:
+        return None
 
     def wait(self, handle: CopyHandle) -> None:
         return None

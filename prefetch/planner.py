@@ -65,7 +65,11 @@ class PrefetchPlanner:
         for k in self.in_flight:
             scope = cache.scope_of(k.layer)
             in_flight_per_scope[scope] = in_flight_per_scope.get(scope, 0) + 1
-        for key, _score in sorted(predictions, key=lambda p: -p[1]):
+        ranked = sorted(predictions, key=lambda p: -p[1])
+        # Everything the prediction expects to use is protected: a prefetch must not evict an
+        # expert (resident or landing) that the same prediction says is needed.
+        wanted = {k for k, _ in ranked}
+        for key, _score in ranked:
             if budget_left < self.expert_bytes:
                 break
             if key in needed_now or cache.is_resident(key):
@@ -73,7 +77,7 @@ class PrefetchPlanner:
             scope = cache.scope_of(key.layer)
             if in_flight_per_scope.get(scope, 0) + 1 >= cache.capacity(key.layer):
                 continue  # a demand miss of that scope must always find an unpinned slot
-            protected = set(needed_now) | self.in_flight | self.landed
+            protected = set(needed_now) | self.in_flight | self.landed | wanted
             placed = cache.insert(key, protected)
             if placed is None:
                 continue  # every resident expert of that scope is protected

@@ -61,7 +61,7 @@ def add_prefetch_flags(p: argparse.ArgumentParser, *, live: bool = True) -> None
     p.add_argument("--prefetch-lookahead", type=_positive_int, default=1, help="how many layers ahead to predict")
     p.add_argument("--predictor-path", default=None, help="trained predictor (.safetensors) for --prefetch learned")
     p.add_argument("--prefetch-budget-mb", type=_non_negative_float, default=None,
-                   help="bytes of prefetch copies in flight, in MB (default: 1/4 of the slot memory)")
+                   help="bytes of prefetch copies in flight, in MB (default: top_k experts per predicted layer)")
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:

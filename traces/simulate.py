@@ -39,7 +39,7 @@ class SimConfig:
     prefetch: str = "none"
     prefetch_lookahead: int = 1
     predictor_path: str | None = None
-    prefetch_budget_bytes: int | None = None  # None: a quarter of the slot memory
+    prefetch_budget_bytes: int | None = None  # None: top_k experts per predicted layer, as live
     expert_bytes: int | None = None
     link_gbps: float | None = None  # GB/s (1e9 bytes per second)
     link_latency_us: float = 0.0
@@ -214,7 +214,7 @@ def _replay_full(trace: Trace, config: SimConfig, schedule: Schedule, cache: Exp
     expert_bytes = int(config.expert_bytes or 1)
     budget = config.prefetch_budget_bytes
     if budget is None:
-        budget = max(1, cache.num_slots // 4) * expert_bytes
+        budget = trace.top_k * config.prefetch_lookahead * expert_bytes  # the engine's default too
     planner = PrefetchPlanner(expert_bytes, int(budget))
     predictor = None
     if prefetching:

@@ -112,3 +112,18 @@ def test_every_online_policy_respects_protection(name):
     with pytest.raises(RuntimeError):
         policy.victim(keys, keys)
     assert policy.victim(keys, {ExpertKey(0, 0)}) == ExpertKey(0, 1)
+
+
+def test_waves_leave_room_for_pinned_copies_in_flight():
+    """A step wider than its scope, while a copy is in flight: waves shrink, nothing pinned is evicted."""
+    from cache.base import ExpertKey, build_policy
+    from cache.manager import ExpertCache
+
+    cache = ExpertCache(build_policy("lru"), 1, [4])
+    cache.access(0, [0, 1, 2, 3], 0)
+    pinned = {ExpertKey(0, 0)}
+    waves = cache.access(0, [0, 4, 5, 6, 7, 8, 9, 10], 1, pinned=pinned)
+    assert [len(w.hits) + len(w.misses) for w in waves] == [3, 3, 2]
+    assert cache.is_resident(ExpertKey(0, 0))
+    evicted = [ev for w in waves for _, _, ev in w.misses if ev is not None]
+    assert ExpertKey(0, 0) not in evicted
