@@ -3,8 +3,8 @@
 Design: layers differ in how many distinct experts they touch per window of
 tokens (early layers are often more diverse). ``profile`` gives each layer slots
 in proportion to such a per-layer weight (e.g. working-set sizes measured on a
-trace, see ``traces.stats.working_set_profile``), with at least one slot and at
-most ``num_experts`` per layer, rounded by largest remainder so the total is
+trace, see ``traces.stats.working_set_profile``), with at least ``min_per_layer``
+slots (the engine passes top_k) and at most ``num_experts`` per layer, rounded by largest remainder so the total is
 exact. ``global`` returns one capacity for a single shared pool. The string
 forms (``profile:TRACE``) are parsed at the edge, in ``traces.simulate``.
 """
@@ -23,6 +23,7 @@ def split_capacity(
     *,
     num_experts: int | None = None,
     profile: Sequence[float] | None = None,
+    min_per_layer: int = 1,
 ) -> list[int]:
     """Capacities for ``ExpertCache``: one per layer, or ``[total]`` for ``split="global"``."""
     if num_layers < 1:
@@ -32,8 +33,9 @@ def split_capacity(
         if total_slots < 1:
             raise ValueError(f"a global cache needs at least one slot, got {total_slots}")
         return [min(total_slots, cap_max * num_layers)]
-    if total_slots < num_layers:
-        raise ValueError(f"{total_slots} slots cannot give each of {num_layers} layers one slot")
+    floor = max(1, min(min_per_layer, cap_max))  # e.g. top_k: fewer slots than a token needs only thrash
+    if total_slots < num_layers * floor:
+        raise ValueError(f"{total_slots} slots cannot give each of {num_layers} layers {floor} slot(s)")
     if split == "uniform":
         weights = [1.0] * num_layers
     elif split == "profile":
@@ -45,8 +47,8 @@ def split_capacity(
     else:
         raise ValueError(f"unknown cache split {split!r}; choose one of {', '.join(SPLITS)}")
     total = min(total_slots, cap_max * num_layers)
-    caps = [1] * num_layers
-    left = total - num_layers
+    caps = [floor] * num_layers
+    left = total - num_layers * floor
     # Water-filling with largest remainder, respecting the per-layer maximum.
     while left > 0:
         open_layers = [i for i in range(num_layers) if caps[i] < cap_max]

@@ -171,7 +171,9 @@ def capacities_for(trace: Trace, *, slots_per_layer: int | None = None, capacity
         if profile_trace.num_layers != layers:
             raise ValueError(f"profile trace has {profile_trace.num_layers} MoE layers, this trace {layers}")
         profile = working_set_profile(profile_trace)
-        return split_capacity(total, layers, "profile", num_experts=num_experts, profile=profile), "layer"
+        floor = min(trace.top_k, per_layer)  # never below what one token needs, when the budget allows
+        return split_capacity(total, layers, "profile", num_experts=num_experts, profile=profile,
+                              min_per_layer=floor), "layer"
     if split != "uniform":
         raise ValueError(f"unknown --cache-split {split!r}; use uniform, global or profile:TRACE")
     return split_capacity(total, layers, "uniform", num_experts=num_experts), "layer"
