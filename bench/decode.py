@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--cases", default="load,hf,all,p25")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run each case this many times, alternating, and keep the fastest (shared machines)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # child process
     args = ap.parse_args(argv)
@@ -191,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"building {shape_name} checkpoint in {model_dir} ...", file=sys.stderr)
     build_checkpoint(model_dir, SHAPES[shape_name], getattr(torch, args.dtype))
-    results = []
-    for case in args.cases.split(","):
+    results: dict[str, dict] = {}
+    for case in [c for _ in range(args.repeat) for c in args.cases.split(",")]:
         cmd = [sys.executable, "-m", "bench.decode", "--case", case, "--model-dir", str(model_dir),
                "--tokens", str(args.tokens), "--prompt-len", str(args.prompt_len), "--dtype", args.dtype]
         print(f"running {case} ...", file=sys.stderr, flush=True)
@@ -200,7 +202,14 @@ def main(argv: list[str] | None = None) -> int:
         if proc.returncode != 0:
             print(proc.stderr[-2000:], file=sys.stderr)
             raise SystemExit(f"case {case} failed")
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        best = results.get(case)
+        runs = (best or {}).get("runs", []) + [result.get("decode_tokens_per_second")]
+        if best is None or (result.get("decode_tokens_per_second") or 0) > (best.get("decode_tokens_per_second") or 0):
+            best = result
+        best["runs"] = runs
+        results[case] = best
+    results = list(results.values())
     hf = next((r for r in results if r["case"] == "hf"), None)
     print(f"\n{'case':<6} {'load s':>8} {'peak RSS GB':>12} {'ckpt GB':>8} {'decode tok/s':>13} {'vs hf':>6} "
           f"{'hit rate':>9} {'stall ms/tok':>13}")
@@ -213,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r.get('stall_seconds_per_token', float('nan')) * 1e3:>13.2f}")
     report = {"shape": SHAPES[shape_name], "dtype": args.dtype, "tokens": args.tokens, "prompt_len": args.prompt_len,
                   "results": results, "machine": os.uname().nodename, "cpus": os.cpu_count(),
-                  "date": time.strftime("%Y-%m-%d")}
+                  "date": time.strftime("%Y-%m-%d"), "command": "python -m bench.decode " + " ".join(sys.argv[1:])}
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
     return 0
