@@ -60,6 +60,22 @@ class EngineCounters:
         )
 
 
+def _positions(idx_flat: torch.Tensor, wanted) -> dict[int, int | torch.Tensor]:
+    """expert -> its positions in the flattened [T*K] routing (an int when there is exactly one)."""
+    if idx_flat.numel() <= 64:  # decode: a Python pass beats one tensor op per expert
+        groups: dict[int, list[int]] = {}
+        for p, e in enumerate(idx_flat.tolist()):
+            if e in wanted:
+                groups.setdefault(e, []).append(p)
+        return {e: (ps[0] if len(ps) == 1 else torch.tensor(ps)) for e, ps in groups.items()}
+    out = {}
+    for e in wanted:
+        pos = (idx_flat == e).nonzero().squeeze(1)
+        if pos.numel():
+            out[e] = pos
+    return out
+
+
 @dataclass
 class ActiveStep:
     """What the generation loop told us about the rows of the current forward."""
@@ -174,19 +190,30 @@ class OffloadRuntime:
                       K: int) -> None:
         parts = self.slot_parts
         lay = self._layout
+        gate_up, down = parts["gate_up_proj"], parts["down_proj"]
+        gate_up_bias = parts["gate_up_proj_bias"] if lay.has_bias else None
+        down_bias = parts["down_proj_bias"] if lay.has_bias else None
+        positions = _positions(idx_flat, expert_slots)  # expert -> positions in T*K (host)
         for expert, slot in expert_slots.items():
-            pos = (idx_flat == expert).nonzero().squeeze(1)  # host [n] positions in T*K
-            if pos.numel() == 0:
+            pos = positions.get(expert)
+            if pos is None:
                 continue
-            pos = pos.to(hidden.device, non_blocking=True)
-            x = hidden[pos // K]  # [n, H]
+            if isinstance(pos, int):  # one token (batch-1 decode): no gather, no index tensors
+                row = pos // K
+                x = hidden[row : row + 1]  # [1, H]
+            else:
+                pos = pos.to(hidden.device, non_blocking=True)
+                x = hidden[pos // K]  # [n, H]
             y = module._moepager_ffn(
-                module, x, parts["gate_up_proj"][slot], parts["down_proj"][slot],
-                parts["gate_up_proj_bias"][slot] if lay.has_bias else None,
-                parts["down_proj_bias"][slot] if lay.has_bias else None,
+                module, x, gate_up[slot], down[slot],
+                gate_up_bias[slot] if gate_up_bias is not None else None,
+                down_bias[slot] if down_bias is not None else None,
                 lay.is_transposed,
             )  # [n, H]
-            weighted[pos] = y * weights_flat[pos].unsqueeze(-1)
+            if isinstance(pos, int):
+                weighted[pos] = y[0] * weights_flat[pos]
+            else:
+                weighted[pos] = y * weights_flat[pos].unsqueeze(-1)
 
     # -- hybrid execution ---------------------------------------------------------------
     def _host_misses(self, layer: int, unique: list[int], counts: list[int]) -> list[int]:
