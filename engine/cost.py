@@ -40,8 +40,8 @@ class HybridCostModel:
         return self.host_seconds(tokens) < self.fetch_seconds
 
     def describe(self) -> dict:
-        return dict(mode=self.mode, fetch_seconds=self.fetch_seconds, host_seconds_1=self.host_seconds(1),
-                    host_seconds_16=self.host_seconds(16))
+        return {"mode": self.mode, "fetch_seconds": self.fetch_seconds, "host_seconds_1": self.host_seconds(1),
+                "host_seconds_16": self.host_seconds(16)}
 
 
 def calibrate(mode: str, runtime, module: torch.nn.Module, hidden_size: int, link_gbps: float | None,
