@@ -13,8 +13,9 @@ TRAIN_TRACE's requests (lookahead = the largest one tried) and every predictor i
 data it never trained on: the held-out requests of TRAIN_TRACE and all of OTHER_TRACE.
 
 Each predictor runs at every lookahead and prefetch budget (in experts in flight; the
-default is a quarter of the slots). Reported per cell: stall per token, tokens/s, hit
-rate, precision = useful / issued, used = (useful + late) / issued, late, wasted, and the share of the oracle's gain
+default, as in the engine, is top_k experts per predicted layer: top_k x lookahead).
+Reported per cell: stall per token, tokens/s, hit rate, precision = useful / issued,
+used = (useful + late) / issued, late, wasted, and the share of the oracle's gain
 ``(stall_none - stall_P) / (stall_none - stall_oracle)`` against the oracle's best
 config at that operating point. Tokens are trace rows (prefill and decode), replayed one
 row per step by default (``--replay token``). ``--replay step`` replays the steps the engine
@@ -88,7 +89,7 @@ def sweep(evals: dict[str, Trace], *, predictor_path: str, lookaheads: list[int]
                     issued = pf.get("issued", 0)
                     rows.append({
                         "eval": eval_name, "point": point, "layer_compute_us": compute_us, "predictor": pred,
-                        "lookahead": d, "budget_experts": budget if budget is not None else max(1, sum(caps) // 4),
+                        "lookahead": d, "budget_experts": budget if budget is not None else trace.top_k * d,
                         "default_budget": budget is None, "hit_rate": r["hit_rate"],
                         "stall_ms_per_token": r["stall_seconds_per_token"] * 1e3,
                         "tokens_per_second": r["tokens_per_second"], "issued": issued,
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--predictor-out", default="bench/results/learned_predictor.safetensors")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--lookaheads", default="1,2")
-    p.add_argument("--budgets", default="default,2,16", help="experts in flight; 'default' = a quarter of the slots")
+    p.add_argument("--budgets", default="default,2,16", help="experts in flight; 'default' = top_k x lookahead, the engine's default")
     p.add_argument("--policy", default="lru")
     p.add_argument("--capacity-fraction", type=float, default=0.25)
     p.add_argument("--link-gbps", type=float, default=25.0)
