@@ -13,6 +13,8 @@ from collections.abc import Callable, Collection
 from collections.abc import Set as AbstractSet
 from typing import NamedTuple, Protocol, runtime_checkable
 
+from cache.registry import Registry
+
 
 class ExpertKey(NamedTuple):
     layer: int  # index among the model's MoE layers (0-based), not the decoder layer index
@@ -30,36 +32,23 @@ class EvictionPolicy(Protocol):
 
 
 PolicyFactory = Callable[..., EvictionPolicy]
-_REGISTRY: dict[str, PolicyFactory] = {}
-# Policies that need the future (Belady) can only run in the simulator.
-_OFFLINE_ONLY: set[str] = set()
+POLICIES = Registry("cache policy", "policies")
+_REGISTRY = POLICIES.factories
 
 
 def register_policy(name: str, *, offline_only: bool = False) -> Callable[[PolicyFactory], PolicyFactory]:
-    """Class decorator: make a policy constructible by name."""
-
-    def wrap(factory: PolicyFactory) -> PolicyFactory:
-        if name in _REGISTRY:
-            raise ValueError(f"cache policy {name!r} is already registered")
-        _REGISTRY[name] = factory
-        if offline_only:
-            _OFFLINE_ONLY.add(name)
-        factory.name = name  # type: ignore[attr-defined]
-        return factory
-
-    return wrap
+    """Class decorator: make a policy constructible by name (``offline_only``: needs the future)."""
+    return POLICIES.register(name, offline_only=offline_only)
 
 
 def policy_names(*, online_only: bool = False) -> list[str]:
-    return sorted(n for n in _REGISTRY if not (online_only and n in _OFFLINE_ONLY))
+    return POLICIES.names(online_only=online_only)
 
 
 def is_offline_only(name: str) -> bool:
-    return name in _OFFLINE_ONLY
+    return POLICIES.is_offline_only(name)
 
 
 def build_policy(name: str, **kwargs) -> EvictionPolicy:
     """Construct a registered policy; unknown names raise ValueError listing the known ones."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown cache policy {name!r}; known policies: {', '.join(policy_names())}")
-    return _REGISTRY[name](**kwargs)
+    return POLICIES.build(name, **kwargs)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from cache.base import ExpertKey
+from cache.registry import Registry
 
 
 @runtime_checkable
@@ -46,35 +47,24 @@ class Predictor(Protocol):
 
 
 PredictorFactory = Callable[..., Predictor]
-_REGISTRY: dict[str, PredictorFactory] = {}
-_OFFLINE_ONLY: set[str] = set()
+PREDICTORS = Registry("predictor", "predictors")
+_REGISTRY = PREDICTORS.factories
 
 
 def register_predictor(name: str, *, offline_only: bool = False) -> Callable[[PredictorFactory], PredictorFactory]:
-    def wrap(factory: PredictorFactory) -> PredictorFactory:
-        if name in _REGISTRY:
-            raise ValueError(f"predictor {name!r} is already registered")
-        _REGISTRY[name] = factory
-        if offline_only:
-            _OFFLINE_ONLY.add(name)
-        factory.name = name  # type: ignore[attr-defined]
-        return factory
-
-    return wrap
+    return PREDICTORS.register(name, offline_only=offline_only)
 
 
 def predictor_names(*, online_only: bool = False) -> list[str]:
-    return sorted(n for n in _REGISTRY if not (online_only and n in _OFFLINE_ONLY))
+    return PREDICTORS.names(online_only=online_only)
 
 
 def is_offline_only(name: str) -> bool:
-    return name in _OFFLINE_ONLY
+    return PREDICTORS.is_offline_only(name)
 
 
 def build_predictor(name: str, **kwargs) -> Predictor:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown predictor {name!r}; known predictors: {', '.join(predictor_names())}")
-    return _REGISTRY[name](**kwargs)
+    return PREDICTORS.build(name, **kwargs)
 
 
 @register_predictor("none")

@@ -11,17 +11,7 @@ import argparse
 import logging
 import os
 
-from server.flags import _positive_int, add_engine_flags, engine_config_from_args
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
+from server.flags import _non_negative_int, _positive_int, add_engine_flags, engine_config_from_args
 
 
 def _port(text: str) -> int:

@@ -31,22 +31,26 @@ def test_bad_flag_names_flag_and_choices():
 
 
 @pytest.mark.slow
+def _wait_healthy(proc, base: str, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "server never became healthy"
+        time.sleep(0.1)
+
+
 def test_serve_loads_then_drains_on_sigterm(server_model_dir):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     proc = moepager("serve", "--model", str(server_model_dir), "--device", "cpu", "--port", str(port),
                     "--expert-slots", "4", "--served-model-name", "tiny", "--log-level", "warning")
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server never became healthy"
-            time.sleep(0.1)
+        _wait_healthy(proc, base)
         assert httpx.get(base + "/v1/models").json()["data"][0]["id"] == "tiny"
 
         result = {}
@@ -83,16 +87,7 @@ def test_serve_without_model_answers_chat_with_the_embedded_model():
     base = f"http://127.0.0.1:{port}"
     proc = moepager("serve", "--device", "cpu", "--port", str(port), "--log-level", "warning")
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server never became healthy"
-            time.sleep(0.1)
+        _wait_healthy(proc, base)
         model_id = httpx.get(base + "/v1/models").json()["data"][0]["id"]
         assert model_id == "moepager-default"
         body = {"model": model_id, "max_tokens": 24, "temperature": 0,
