@@ -154,6 +154,7 @@ class OffloadRuntime:
                                device=hidden.device)  # [T*K, H]
         weights_flat = top_k_weights.reshape(-1)  # [T*K]
         idx_flat = idx_host.reshape(-1)  # [T*K]
+        prefetch_pending = self.predictor is not None
         for wave in waves:
             waits = []
             for key, slot, evicted in wave.misses:
@@ -163,6 +164,11 @@ class OffloadRuntime:
                                                  DEMAND))
                 counters.demand_bytes += self.page_bytes
                 counters.demand_copies += 1
+            if prefetch_pending:
+                # Plan as soon as the demand copies are queued: later layers' copies then overlap this
+                # layer's wait and compute instead of starting a layer late.
+                self._prefetch(layer, hidden, top_k_index, unique)
+                prefetch_pending = False
             for key, _slot in wave.hits:
                 pending = self.inflight.pop(key, None)
                 if pending is not None and not pending.done():
@@ -182,7 +188,7 @@ class OffloadRuntime:
         counters.used_bytes = self.cache.used_slots() * self.page_bytes
         if self.recorder is not None:
             self.recorder.record(layer, top_k_index, top_k_weights, hidden)
-        if self.predictor is not None:
+        if prefetch_pending:  # no wave ran (every miss computed on the host)
             self._prefetch(layer, hidden, top_k_index, unique)
         return weighted.view(T, K, -1).sum(dim=1).to(hidden.dtype)  # [T, H]
 
