@@ -121,6 +121,8 @@ class Engine:
             experts._moepager_runtime = self.runtime
             experts._moepager_ffn = select_expert_ffn(experts, self.device)  # chosen once, never per call
         self.blocks = [block for _, block, _ in loaded.moe_blocks]
+        if self.cache.num_slots >= self.num_moe_layers * self.num_experts:
+            self._warm_all_slots()
         self.model.set_experts_implementation(_IMPL_NAME)
         self._setup_hybrid(loaded.moe_blocks[0][2])
         self._setup_prefetch()
@@ -149,6 +151,25 @@ class Engine:
                 if key in params:
                     kwargs[key] = value
         return build_policy(name, **kwargs)
+
+    def _warm_all_slots(self) -> None:
+        """Every expert fits: copy them all in at start-up, so no request ever waits on a cold miss."""
+        from cache.base import ExpertKey
+        from engine.transfer import DEMAND
+
+        from traces.simulate import warm_if_everything_fits  # the simulator starts full the same way
+
+        warm_if_everything_fits(self.cache, self.num_moe_layers, self.num_experts)
+        handles = []
+        for layer in range(self.num_moe_layers):
+            for expert in range(self.num_experts):
+                key = ExpertKey(layer, expert)
+                slot = self.cache.slot_of(key)
+                handles.append(self.transfer.copy(key, slot, self.store.page(layer, expert),
+                                                  self.runtime.slots[slot], DEMAND))
+        for handle in handles:
+            self.transfer.wait(handle)
+        self.runtime.counters.used_bytes = self.cache.used_slots() * self.store.page_bytes
 
     # -- optional parts ----------------------------------------------------------------
     def _setup_prefetch(self) -> None:

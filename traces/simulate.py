@@ -179,6 +179,16 @@ def capacities_for(trace: Trace, *, slots_per_layer: int | None = None, capacity
     return split_capacity(total, layers, "uniform", num_experts=num_experts), "layer"
 
 
+def warm_if_everything_fits(cache: ExpertCache, num_layers: int, num_experts: int) -> bool:
+    """A cache that holds every expert starts full, as the live engine does (no cold misses)."""
+    if cache.num_slots < num_layers * num_experts:
+        return False
+    for layer in range(num_layers):
+        for expert in range(num_experts):
+            cache.insert(ExpertKey(layer, expert), frozenset())
+    return True
+
+
 # -- the replay ------------------------------------------------------------------------------
 def simulate(trace: Trace, config: SimConfig, schedule: Schedule | None = None) -> SimResult:
     """Replay ``trace`` under ``config``; pass a prebuilt ``schedule`` to replay many configs fast."""
@@ -188,6 +198,7 @@ def simulate(trace: Trace, config: SimConfig, schedule: Schedule | None = None) 
     capacities = list(config.capacities) or [trace.num_experts] * layers
     policy = make_policy(config.policy, schedule, layers, trace.num_experts, **config.policy_kwargs)
     cache = ExpertCache(policy, layers, capacities, config.scope)
+    warm_if_everything_fits(cache, layers, trace.num_experts)
     timed = config.link_gbps is not None
     if timed and not config.expert_bytes:
         raise ValueError("a link model needs the expert size: give --expert-bytes")

@@ -120,3 +120,20 @@ def test_cost_model_prefers_host_on_a_slow_link(tiny_model_dir):
     _, _, stats = _run(path, expert_slots=6, cpu_compute="auto", emulate_link_gbps=0.001)
     assert stats["cpu_compute"]["fetch_seconds"] > stats["cpu_compute"]["host_seconds_1"]
     assert stats["cpu_computed"] > 0
+
+
+def test_all_experts_fit_starts_warm_and_matches_the_simulator(tiny_model_dir, tmp_path):
+    from traces.format import load_trace
+    from traces.simulate import SimConfig, simulate
+
+    path = tiny_model_dir("olmoe")
+    trace_path = tmp_path / "all.safetensors"
+    with Engine.from_pretrained(path, device="cpu", progress=False, record_trace=str(trace_path)) as eng:
+        assert eng.stats()["expert_cache_used_bytes"] == eng.stats()["expert_cache_capacity_bytes"]
+        for _ in eng.generate(PROMPTS, GREEDY):
+            pass
+        live = eng.stats()
+        capacities = tuple(eng.cache.capacities)
+    assert live["misses"] == 0 and live["bytes_transferred"] == 0
+    sim = simulate(load_trace(trace_path), SimConfig(policy="lru", capacities=capacities)).as_dict()
+    assert (sim["hits"], sim["accesses"]) == (live["hits"], live["queries"])
