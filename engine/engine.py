@@ -156,7 +156,6 @@ class Engine:
         """Every expert fits: copy them all in at start-up, so no request ever waits on a cold miss."""
         from cache.base import ExpertKey
         from engine.transfer import DEMAND
-
         from traces.simulate import warm_if_everything_fits  # the simulator starts full the same way
 
         warm_if_everything_fits(self.cache, self.num_moe_layers, self.num_experts)
