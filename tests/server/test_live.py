@@ -90,23 +90,25 @@ def test_sixteen_concurrent_streams_match_sequential(client, server_url):
 
 
 @pytest.mark.parametrize("stream", [True, False])
-def test_disconnect_frees_the_sequence(server_url, stream):
+def test_disconnect_frees_the_sequence(engine, stream):
+    # A slowed engine (50 ms per step) so the client surely leaves mid-generation.
+    app = make_app(SlowEngine(engine))
     body = {"prompt": "long story", "max_tokens": 100, "temperature": 0, "ignore_eos": True, "stream": stream}
-    with httpx.Client(timeout=30) as http:
+    with live_server(app) as base, httpx.Client(timeout=30) as http:
         if stream:
-            with http.stream("POST", server_url + "/v1/completions", json=body) as r:
+            with http.stream("POST", base + "/v1/completions", json=body) as r:
                 lines = r.iter_lines()
                 assert next(lines).startswith("data: ")
-                assert gauge(server_url, "num_requests_running") == 1
+                assert gauge(base, "num_requests_running") == 1
         else:
             with pytest.raises(httpx.ReadTimeout):
-                http.post(server_url + "/v1/completions", json=body, timeout=0.3)
-    deadline = time.monotonic() + 10
-    while gauge(server_url, "num_requests_running") + gauge(server_url, "num_requests_waiting") > 0:
-        assert time.monotonic() < deadline, "sequence still running after the client left"
-        time.sleep(0.05)
-    text = httpx.get(server_url + "/metrics").text
-    assert float(re.search(r'request_success_total\{finished_reason="abort"\} (\S+)', text).group(1)) >= 1
+                http.post(base + "/v1/completions", json=body, timeout=0.3)
+        deadline = time.monotonic() + 10
+        while gauge(base, "num_requests_running") + gauge(base, "num_requests_waiting") > 0:
+            assert time.monotonic() < deadline, "sequence still running after the client left"
+            time.sleep(0.05)
+        text = http.get(base + "/metrics").text
+        assert float(re.search(r'request_success_total\{finished_reason="abort"\} (\S+)', text).group(1)) >= 1
 
 
 def test_full_queue_is_429_and_server_survives(engine):
