@@ -137,7 +137,7 @@ def test_full_queue_is_429_and_server_survives(engine):
 def test_drain_lets_running_requests_finish(engine):
     from server.app import begin_drain
 
-    app = make_app(engine)
+    app = make_app(SlowEngine(engine))  # slowed, so the request is surely still running at the drain
     with live_server(app) as base, httpx.Client(timeout=30) as http:
         result = {}
 
@@ -147,7 +147,9 @@ def test_drain_lets_running_requests_finish(engine):
 
         worker = threading.Thread(target=run)
         worker.start()
+        deadline = time.monotonic() + 10
         while gauge(base, "num_requests_running") == 0:
+            assert time.monotonic() < deadline, "the request never started"
             time.sleep(0.01)
         begin_drain(app)
         assert http.post(base + "/v1/completions", json={"prompt": "x"}).status_code == 503
