@@ -31,6 +31,25 @@ class EvictionPolicy(Protocol):
     def victim(self, resident: Collection[ExpertKey], protected: AbstractSet[ExpertKey]) -> ExpertKey: ...
 
 
+def lowest_ranked(resident: Collection[ExpertKey], protected: AbstractSet[ExpertKey],
+                  rank: Callable[[ExpertKey], tuple]) -> ExpertKey:
+    """The unprotected resident key with the smallest ``rank`` (first found wins a tie).
+
+    Every scoring policy's ``victim`` is this scan with its own rank.
+    """
+    best = None
+    best_rank = None
+    for key in resident:
+        if key in protected:
+            continue
+        r = rank(key)
+        if best_rank is None or r < best_rank:
+            best, best_rank = key, r
+    if best is None:
+        raise RuntimeError("no evictable expert: every resident expert is protected")
+    return best
+
+
 PolicyFactory = Callable[..., EvictionPolicy]
 POLICIES = Registry("cache policy", "policies")
 _REGISTRY = POLICIES.factories

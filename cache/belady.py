@@ -18,7 +18,7 @@ from bisect import bisect_right
 from collections.abc import Collection, Iterable
 from collections.abc import Set as AbstractSet
 
-from cache.base import ExpertKey, register_policy
+from cache.base import ExpertKey, lowest_ranked, register_policy
 
 _NEVER = float("inf")
 
@@ -66,14 +66,5 @@ class BeladyPolicy:
         return None
 
     def victim(self, resident: Collection[ExpertKey], protected: AbstractSet[ExpertKey]) -> ExpertKey:
-        best = None
-        best_rank = None
-        for key in resident:
-            if key in protected:
-                continue
-            rank = (self.next_use(key), -self._touch.get(key, 0))
-            if best_rank is None or rank > best_rank:
-                best, best_rank = key, rank
-        if best is None:
-            raise RuntimeError("no evictable expert: every resident expert is protected")
-        return best
+        # farthest next use first; among equals the least recently touched
+        return lowest_ranked(resident, protected, lambda key: (-self.next_use(key), self._touch.get(key, 0)))

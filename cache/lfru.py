@@ -14,7 +14,7 @@ from collections.abc import Collection
 from collections.abc import Set as AbstractSet
 
 from cache._clock import LayerClock
-from cache.base import ExpertKey, register_policy
+from cache.base import ExpertKey, lowest_ranked, register_policy
 
 
 @register_policy("lfru")
@@ -50,14 +50,4 @@ class LFRUPolicy:
         return self._last_tick.get(key, 0) + bonus
 
     def victim(self, resident: Collection[ExpertKey], protected: AbstractSet[ExpertKey]) -> ExpertKey:
-        best = None
-        best_rank = None
-        for key in resident:
-            if key in protected:
-                continue
-            rank = (self.priority(key), self._seq.get(key, 0))
-            if best_rank is None or rank < best_rank:
-                best, best_rank = key, rank
-        if best is None:
-            raise RuntimeError("no evictable expert: every resident expert is protected")
-        return best
+        return lowest_ranked(resident, protected, lambda key: (self.priority(key), self._seq.get(key, 0)))

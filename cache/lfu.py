@@ -14,7 +14,7 @@ from collections.abc import Collection
 from collections.abc import Set as AbstractSet
 
 from cache._clock import LayerClock
-from cache.base import ExpertKey, register_policy
+from cache.base import ExpertKey, lowest_ranked, register_policy
 
 
 @register_policy("lfu")
@@ -52,14 +52,4 @@ class LFUPolicy:
         return None  # counts are kept on purpose
 
     def victim(self, resident: Collection[ExpertKey], protected: AbstractSet[ExpertKey]) -> ExpertKey:
-        best = None
-        best_rank = None
-        for key in resident:
-            if key in protected:
-                continue
-            rank = (self._score(key), self._last.get(key, 0))
-            if best_rank is None or rank < best_rank:
-                best, best_rank = key, rank
-        if best is None:
-            raise RuntimeError("no evictable expert: every resident expert is protected")
-        return best
+        return lowest_ranked(resident, protected, lambda key: (self._score(key), self._last.get(key, 0)))

@@ -30,7 +30,7 @@ from collections.abc import Collection
 from collections.abc import Set as AbstractSet
 
 from cache._clock import LayerClock
-from cache.base import ExpertKey, register_policy
+from cache.base import ExpertKey, lowest_ranked, register_policy
 
 
 @register_policy("nextuse")
@@ -115,14 +115,5 @@ class NextUsePolicy:
         return frac + (1.0 - p) / p
 
     def victim(self, resident: Collection[ExpertKey], protected: AbstractSet[ExpertKey]) -> ExpertKey:
-        best = None
-        best_rank = None
-        for key in resident:
-            if key in protected:
-                continue
-            rank = (self.expected_wait(key), -self._touch.get(key, 0))
-            if best_rank is None or rank > best_rank:
-                best, best_rank = key, rank
-        if best is None:
-            raise RuntimeError("no evictable expert: every resident expert is protected")
-        return best
+        # longest expected wait first; among equals the least recently touched
+        return lowest_ranked(resident, protected, lambda key: (-self.expected_wait(key), self._touch.get(key, 0)))
