@@ -241,22 +241,24 @@ class Engine:
         runtime = self.runtime
         runtime.active = ActiveStep(rows, int(info.phase))
         runtime.counters.forward_steps += 1
-        request = getattr(info, "request", None)
-        if request is not None and getattr(info, "position", None) is not None:
+        # Row metadata comes from the host side of the generation loop; bring it over once.
+        request = info.request.cpu() if getattr(info, "request", None) is not None else None
+        position = info.position.cpu() if getattr(info, "position", None) is not None else None
+        real = valid.cpu() if valid is not None else None
+        if request is not None and position is not None:
             # A sequence whose position 0 is in this forward starts here (first-appearance order).
-            first = info.position.cpu() == 0
-            if valid is not None:
-                first &= valid.cpu()
-            for rid in dict.fromkeys(request.cpu()[first].tolist()):
+            first = position == 0
+            if real is not None:
+                first &= real
+            for rid in dict.fromkeys(request[first].tolist()):
                 self.cache.start_request(rid)
                 if runtime.predictor is not None and hasattr(runtime.predictor, "begin_request"):
                     runtime.predictor.begin_request()
         if runtime.predictor is not None:
             runtime.predictor.reset()
         if self.recorder is not None:
-            sel = valid if valid is not None else torch.ones_like(info.request, dtype=torch.bool)
-            sel = sel.cpu()
-            self.recorder.begin_step(info.request.cpu()[sel], info.position.cpu()[sel], int(info.phase),
+            sel = real if real is not None else torch.ones_like(request, dtype=torch.bool)
+            self.recorder.begin_step(request[sel], position[sel], int(info.phase),
                                      info.tokens.cpu()[sel] if info.tokens is not None else None)
         try:
             yield
