@@ -55,9 +55,14 @@ POLICIES = Registry("cache policy", "policies")
 _REGISTRY = POLICIES.factories
 
 
-def register_policy(name: str, *, offline_only: bool = False) -> Callable[[PolicyFactory], PolicyFactory]:
-    """Class decorator: make a policy constructible by name (``offline_only``: needs the future)."""
-    return POLICIES.register(name, offline_only=offline_only)
+def register_policy(name: str, *, offline_only: bool = False,
+                    shape_args: tuple[str, ...] = ()) -> Callable[[PolicyFactory], PolicyFactory]:
+    """Class decorator: make a policy constructible by name.
+
+    ``offline_only``: it needs the future (``future=``, simulator only); ``shape_args``: the
+    ``cache.shape.ModelShape`` fields its constructor takes (e.g. ``("num_layers",)``).
+    """
+    return POLICIES.register(name, offline_only=offline_only, shape_args=shape_args)
 
 
 def policy_names(*, online_only: bool = False) -> list[str]:

@@ -28,7 +28,7 @@ from cache._clock import LayerClock
 from cache.base import ExpertKey, register_policy
 
 
-@register_policy("eam")
+@register_policy("eam", shape_args=("num_layers", "num_experts"))
 class EAMPolicy:
     def __init__(self, num_layers: int = 1, num_experts: int = 1, history: int = 64, window: int = 256) -> None:
         self._eam = np.zeros((max(num_layers, 1), max(num_experts, 1)), dtype=np.float64)

@@ -106,7 +106,7 @@ class ExpertCache:
         Resident experts go first so they are used before anything could evict
         them. ``pinned`` keys (e.g. copies in flight) are never chosen as victims.
         """
-        keys = self._keys_of(layer, experts)
+        keys = self.keys_of(layer, experts)
         scope = layer if self.scope == "layer" else 0
         if not pinned and len(keys) <= self.capacities[scope]:
             return [self._access_one_wave(layer, scope, keys, step)]
@@ -142,12 +142,13 @@ class ExpertCache:
 
         The policy still sees the accesses, so its statistics stay true; nothing is inserted.
         """
-        keys = self._keys_of(layer, experts)
+        keys = self.keys_of(layer, experts)
         for key in keys:
             self.policy.on_access(key, False, step)
         self.queries[layer] += len(keys)
 
-    def _keys_of(self, layer: int, experts: Iterable[int]) -> list[ExpertKey]:
+    def keys_of(self, layer: int, experts: Iterable[int]) -> list[ExpertKey]:
+        """The keys of ``experts`` of ``layer``, interned."""
         # Interned keys: building namedtuples is a large share of the simulator's inner loop.
         cache = self._key_cache.get(layer)
         if cache is None:

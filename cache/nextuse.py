@@ -33,7 +33,7 @@ from cache._clock import LayerClock
 from cache.base import ExpertKey, lowest_ranked, register_policy
 
 
-@register_policy("nextuse")
+@register_policy("nextuse", shape_args=("num_layers",))
 class NextUsePolicy:
     def __init__(self, half_life: float = 128.0, num_layers: int | None = None) -> None:
         if half_life <= 0:

@@ -15,12 +15,16 @@ class Registry:
         self.factories: dict[str, Callable[..., Any]] = {}
         # Factories that need the future (Belady, the oracle) run only in the simulator.
         self.offline: set[str] = set()
+        # Model-shape fields (``num_layers``, ``num_experts``, ...) each factory takes, declared at registration.
+        self.shape_args: dict[str, tuple[str, ...]] = {}
 
-    def register(self, name: str, *, offline_only: bool = False) -> Callable[[Callable], Callable]:
+    def register(self, name: str, *, offline_only: bool = False,
+                 shape_args: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
         def wrap(factory: Callable) -> Callable:
             if name in self.factories:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             self.factories[name] = factory
+            self.shape_args[name] = tuple(shape_args)
             if offline_only:
                 self.offline.add(name)
             factory.name = name  # type: ignore[attr-defined]
@@ -38,3 +42,14 @@ class Registry:
         if name not in self.factories:
             raise ValueError(f"unknown {self.kind} {name!r}; known {self.plural}: {', '.join(self.names())}")
         return self.factories[name](**kwargs)
+
+    def build_for(self, name: str, shape: Any, **kwargs) -> Any:
+        """Build ``name`` giving it the fields of ``shape`` it declared at registration, plus ``kwargs``."""
+        self.build_check(name)
+        args = {field: getattr(shape, field) for field in self.shape_args[name]}
+        args.update(kwargs)
+        return self.factories[name](**args)
+
+    def build_check(self, name: str) -> None:
+        if name not in self.factories:
+            raise ValueError(f"unknown {self.kind} {name!r}; known {self.plural}: {', '.join(self.names())}")

@@ -39,21 +39,31 @@ class HybridCostModel:
             return False
         return self.host_seconds(tokens) < self.fetch_seconds
 
+    def choose(self, layer: int, experts: list[int], counts: list[int], cache, inflight) -> list[int]:
+        """The misses of this step to compute on the host (``cache.step`` host chooser)."""
+        out = []
+        free = cache.has_free_slot(layer)
+        for key, n in zip(cache.keys_of(layer, experts), counts):
+            if key in inflight or cache.is_resident(key):
+                continue
+            if self.prefer_host(n, free):
+                out.append(key.expert)
+        return out
+
     def describe(self) -> dict:
         return {"mode": self.mode, "fetch_seconds": self.fetch_seconds, "host_seconds_1": self.host_seconds(1),
                 "host_seconds_16": self.host_seconds(16)}
 
 
-def calibrate(mode: str, runtime, module: torch.nn.Module, hidden_size: int, link_gbps: float | None,
-              latency_us: float, repeats: int = 5) -> HybridCostModel:
+def calibrate(mode: str, store, device: torch.device, module: torch.nn.Module, zero_copy: bool,
+              link_gbps: float | None, latency_us: float, repeats: int = 5) -> HybridCostModel:
     """Measure one page copy and the host expert kernel; returns the model for ``mode``."""
-    store = runtime.store
     page = store.page(0, 0)
     lay = store.layout
     parts = {name: store.part(page, name) for name, _, _ in store.offsets}
 
     def host_time(tokens: int) -> float:
-        x = torch.randn(tokens, hidden_size, dtype=store.dtype)
+        x = torch.randn(tokens, lay.hidden, dtype=store.dtype)
         best = float("inf")
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -65,8 +75,10 @@ def calibrate(mode: str, runtime, module: torch.nn.Module, hidden_size: int, lin
 
     if link_gbps is not None:
         fetch = latency_us * 1e-6 + store.page_bytes / (link_gbps * 1e9)
+    elif zero_copy:
+        fetch = 0.0  # a slot is the host page: fetching costs nothing
     else:
-        dst = runtime.slots[0]
+        dst = torch.empty_like(page, device=device)
         best = float("inf")
         for _ in range(repeats):
             if dst.is_cuda:
@@ -80,6 +92,7 @@ def calibrate(mode: str, runtime, module: torch.nn.Module, hidden_size: int, lin
                 t0 = time.perf_counter()
                 dst.copy_(page)
                 best = min(best, time.perf_counter() - t0)
+        del dst
         fetch = best + latency_us * 1e-6
     with torch.no_grad():
         return HybridCostModel(mode, fetch, host_time(1), host_time(16))

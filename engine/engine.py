@@ -12,7 +12,6 @@ The model is a plain transformers model whose experts implementation is
 from __future__ import annotations
 
 import contextlib
-import inspect
 import itertools
 import time
 from collections.abc import Iterator
@@ -20,14 +19,14 @@ from typing import Self
 
 import torch
 
-from cache.base import build_policy, is_offline_only
-from cache.manager import ExpertCache
+from cache.base import is_offline_only
 from cuda_ext import select_expert_ffn
+from engine.build import LinkFactory, build_policy, build_runtime
 from engine.config import EngineConfig
 from engine.errors import BudgetError, MoepagerError
+from engine.generation import BatchGenerator, SamplingParams
 from engine.loader import load_model, resolve_device, resolve_model_path
-from engine.offload import ActiveStep, OffloadRuntime
-from engine.transfer import build_transfer_engine
+from engine.offload import ActiveStep
 
 _IMPL_NAME = "moepager"
 
@@ -76,7 +75,8 @@ def _human_bytes(n: float) -> str:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, *, link_factory: LinkFactory | None = None) -> None:
+        """``link_factory(store, slots)`` replaces the device's link (tests: a deterministic clock)."""
         register_experts_implementation()
         self.config = config
         self.device = resolve_device(config.device)
@@ -105,130 +105,37 @@ class Engine:
         text_config = self.model.config.get_text_config()
         self.max_model_len = int(config.max_model_len or getattr(text_config, "max_position_embeddings", 4096))
 
-        self.cache = ExpertCache(self._build_policy(config.cache_policy), self.num_moe_layers, capacities,
-                                 config.cache_scope)
+        parts = build_runtime(config, loaded, self.device, capacities, model_name=str(path), link_factory=link_factory)
+        self.shape = parts.shape
+        self.cache = parts.cache
+        self.link = parts.link
+        self.runtime = parts.runtime
+        self.recorder = parts.recorder
+        self.hybrid = parts.hybrid
+        self.zero_copy = parts.zero_copy
         self.cache_policy = config.cache_policy
-        self.transfer = build_transfer_engine(self.device, config.emulate_link_gbps, config.emulate_link_latency_us)
-        try:
-            self.runtime = OffloadRuntime(self.store, self.cache, self.transfer, self.device, self.num_experts,
-                                          self.store.page_bytes)
-        except torch.OutOfMemoryError:
-            raise BudgetError(
-                f"{sum(capacities)} expert slots ({sum(capacities) * self.store.page_bytes / 1e9:.2f} GB) do not fit "
-                f"on {self.device} next to the dense weights; lower --expert-slots / --expert-cache-gb") from None
-        for i, (_, block, experts) in enumerate(loaded.moe_blocks):
+        for i, (_, _block, experts) in enumerate(loaded.moe_blocks):
             experts._moepager_layer = i
             experts._moepager_runtime = self.runtime
             experts._moepager_ffn = select_expert_ffn(experts, self.device)  # chosen once, never per call
         self.blocks = [block for _, block, _ in loaded.moe_blocks]
-        if self.cache.num_slots >= self.num_moe_layers * self.num_experts:
-            self._warm_all_slots()
         self.model.set_experts_implementation(_IMPL_NAME)
-        self._setup_hybrid(loaded.moe_blocks[0][2])
-        self._setup_prefetch()
-        self._setup_routing()
-        self._setup_recorder()
         self._seq_ids = itertools.count()  # sequence ids unique over the engine's life (traces need it)
         self.last_tokens_per_second = 0.0
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> Engine:
-        return cls(config)
+    def from_config(cls, config: EngineConfig, **kwargs) -> Engine:
+        return cls(config, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path: str | None = None, **kwargs) -> Engine:
-        return cls(EngineConfig(model=None if path is None else str(path), **kwargs))
+    def from_pretrained(cls, path: str | None = None, *, link_factory: LinkFactory | None = None,
+                        **kwargs) -> Engine:
+        return cls(EngineConfig(model=None if path is None else str(path), **kwargs), link_factory=link_factory)
 
-    def _build_policy(self, name: str):
-        """Build a policy, giving it the model's shape when its constructor asks for it."""
-        from cache.base import _REGISTRY
-
-        factory = _REGISTRY.get(name)
-        kwargs = {}
-        if factory is not None:
-            params = inspect.signature(factory).parameters
-            for key, value in (("num_layers", self.num_moe_layers), ("num_experts", self.num_experts)):
-                if key in params:
-                    kwargs[key] = value
-        return build_policy(name, **kwargs)
-
-    def _warm_all_slots(self) -> None:
-        """Every expert fits: copy them all in at start-up, so no request ever waits on a cold miss."""
-        from cache.base import ExpertKey
-        from engine.transfer import DEMAND
-        from traces.simulate import warm_if_everything_fits  # the simulator starts full the same way
-
-        warm_if_everything_fits(self.cache, self.num_moe_layers, self.num_experts)
-        handles = []
-        for layer in range(self.num_moe_layers):
-            for expert in range(self.num_experts):
-                key = ExpertKey(layer, expert)
-                slot = self.cache.slot_of(key)
-                handles.append(self.transfer.copy(key, slot, self.store.page(layer, expert),
-                                                  self.runtime.slots[slot], DEMAND))
-        for handle in handles:
-            self.transfer.wait(handle)
-        self.runtime.counters.used_bytes = self.cache.used_slots() * self.store.page_bytes
-
-    # -- optional parts ----------------------------------------------------------------
-    def _setup_prefetch(self) -> None:
-        cfg = self.config
-        if cfg.prefetch == "none":
-            return
-        from prefetch.base import build_predictor
-        from prefetch.base import is_offline_only as predictor_offline_only
-        from prefetch.planner import PrefetchPlanner
-
-        if predictor_offline_only(cfg.prefetch):
-            raise MoepagerError(f"--prefetch {cfg.prefetch} needs the future: simulator only")
-        from engine.arch import router_of
-
-        routers = []
-        for block in self.blocks:
-            router = router_of(block)
-            routers.append(lambda h, r=router: r(h)[2])
-        self.runtime.predictor = build_predictor(
-            cfg.prefetch, num_layers=self.num_moe_layers, num_experts=self.num_experts, top_k=self.top_k,
-            lookahead=cfg.prefetch_lookahead, routers=routers, path=cfg.predictor_path)
-        # Default: one token's worth of experts for each predicted layer; more only queues copies
-        # behind each other so they land late.
-        budget = (cfg.prefetch_budget_mb * 1e6 if cfg.prefetch_budget_mb is not None
-                  else self.top_k * cfg.prefetch_lookahead * self.store.page_bytes)
-        self.runtime.planner = PrefetchPlanner(self.store.page_bytes, int(budget))
-
-    def _setup_hybrid(self, experts_module: torch.nn.Module) -> None:
-        if self.config.cpu_compute == "never":
-            return
-        from engine.cost import calibrate
-
-        hidden = self.store.layout.hidden
-        self.runtime.hybrid = calibrate(self.config.cpu_compute, self.runtime, experts_module, hidden,
-                                        self.config.emulate_link_gbps, self.config.emulate_link_latency_us)
-
-    def _setup_routing(self) -> None:
-        if self.config.route_from_trace is not None:
-            if self.config.cache_aware_routing is not None:
-                raise MoepagerError("--route-from-trace and --cache-aware-routing cannot be combined")
-            from engine.routing import TraceReplayRouting
-
-            self.runtime.routing = TraceReplayRouting(self, self.config.route_from_trace)
-            return
-        if self.config.cache_aware_routing is None:
-            return
-        from engine.routing import CacheAwareRouting
-
-        self.runtime.routing = CacheAwareRouting(self, self.config.cache_aware_routing)
-
-    def _setup_recorder(self) -> None:
-        self.recorder = None
-        if self.config.record_trace is None:
-            return
-        from traces.recorder import TraceRecorder
-
-        meta = {"model": str(self.path), "architecture": self.model.config.model_type,
-                    "moe_layers": self.moe_layer_ids, "experts": self.num_experts, "top_k": self.top_k}
-        self.recorder = TraceRecorder(self.config.record_trace, meta)
-        self.runtime.recorder = self.recorder
+    @property
+    def transfer(self):
+        """The link that moves pages into slots (``cache.step.Link``)."""
+        return self.link
 
     # -- forward passes ----------------------------------------------------------------
     @contextlib.contextmanager
@@ -252,11 +159,9 @@ class Engine:
                 first &= real
             for rid in dict.fromkeys(request[first].tolist()):
                 self.cache.start_request(rid)
-                if runtime.predictor is not None and hasattr(runtime.predictor, "begin_request"):
-                    runtime.predictor.begin_request()
-        if runtime.predictor is not None:
-            runtime.predictor.reset()
-        if self.recorder is not None:
+                runtime.prefetching.begin_request()
+        runtime.prefetching.reset()
+        if self.config.record_trace is not None:
             sel = real if real is not None else torch.ones_like(request, dtype=torch.bool)
             self.recorder.begin_step(request[sel], position[sel], int(info.phase),
                                      info.tokens.cpu()[sel] if info.tokens is not None else None)
@@ -264,8 +169,7 @@ class Engine:
             yield
         finally:
             runtime.active = None
-            if self.recorder is not None:
-                self.recorder.end_step()
+            self.recorder.end_step()
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -279,16 +183,12 @@ class Engine:
         return out.logits.float().cpu()
 
     def batch_generator(self, max_batch_size: int = 16, max_model_len: int | None = None):
-        from engine.generation import BatchGenerator
-
         return BatchGenerator(self.model, self.tokenizer, self.device, max_batch_size=max_batch_size,
                               max_model_len=max_model_len or self.max_model_len, step_context=self.step_context,
                               seq_ids=self._seq_ids)
 
     def generate(self, prompts, params=None, *, max_batch_size: int = 16):
         """Yield TokenEvents for one or several prompts (lists of token ids) as they are produced."""
-        from engine.generation import SamplingParams
-
         if prompts and isinstance(prompts[0], int):
             prompts = [prompts]
         if params is None:
@@ -312,17 +212,17 @@ class Engine:
     def set_cache_policy(self, name: str) -> None:
         if is_offline_only(name):
             raise ValueError(f"cache policy {name!r} needs the future and runs only in the simulator")
-        policy = self._build_policy(name)
+        policy = build_policy(name, self.shape)
         self.runtime.drain()
         self.cache.set_policy(policy)
         self.cache_policy = name
 
     @property
     def counters(self):
-        return self.runtime.counters
+        return self.runtime.step.sync_counters()
 
     def stats(self) -> dict:
-        c = self.runtime.counters
+        c = self.counters
         queries = sum(map(sum, c.queries))
         hits = sum(map(sum, c.hits))
         return {
@@ -342,7 +242,7 @@ class Engine:
             "prefetch": {"issued": c.prefetch_issued, "useful": c.prefetch_useful, "wasted": c.prefetch_wasted,
                           "late": c.prefetch_late},
             "cpu_computed": c.cpu_computed,
-            "cpu_compute": self.runtime.hybrid.describe() if self.runtime.hybrid is not None else None,
+            "cpu_compute": self.hybrid.describe() if self.hybrid is not None else None,
             "routing_substitutions": c.routing_substitutions,
             "expert_slots": self.cache.num_slots,
             "expert_cache_capacity_bytes": c.capacity_bytes,
@@ -355,7 +255,7 @@ class Engine:
         }
 
     def expert_stats(self) -> dict:
-        c = self.runtime.counters
+        c = self.counters
         resident = [[k.expert for k in self.cache.resident(layer)] for layer in range(self.num_moe_layers)]
         return {
             "moe_layers": self.moe_layer_ids,
@@ -370,10 +270,9 @@ class Engine:
 
     def close(self) -> None:
         self.runtime.drain()
-        self.transfer.close()
-        if self.recorder is not None:
-            self.recorder.close()
-            self.recorder = None
+        self.link.close()
+        self.runtime.routing.close()
+        self.recorder.close()
 
     def __enter__(self) -> Self:
         return self

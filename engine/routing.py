@@ -12,18 +12,19 @@ import torch
 
 from cache.routing import cache_aware_route
 from engine.arch import router_of
+from traces.format import load_trace
 
 
 class CacheAwareRouting:
-    def __init__(self, engine, delta: float) -> None:
+    def __init__(self, cache, counters, blocks: list[torch.nn.Module], num_experts: int, delta: float) -> None:
         self.delta = float(delta)
-        self.cache = engine.cache
-        self.counters = engine.runtime.counters
-        self.num_experts = engine.num_experts
-        self._scores: list[torch.Tensor | None] = [None] * engine.num_moe_layers
+        self.cache = cache
+        self.counters = counters
+        self.num_experts = num_experts
+        self._scores: list[torch.Tensor | None] = [None] * len(blocks)
         # Sigmoid-scored routers (DeepSeek-V3 style, with a correction bias) are compared on sigmoid scores.
-        self._sigmoid = [hasattr(router_of(b), "e_score_correction_bias") for b in engine.blocks]
-        self._hooks = [router_of(block).register_forward_hook(self._hook(i)) for i, block in enumerate(engine.blocks)]
+        self._sigmoid = [hasattr(router_of(b), "e_score_correction_bias") for b in blocks]
+        self._hooks = [router_of(block).register_forward_hook(self._hook(i)) for i, block in enumerate(blocks)]
 
     def _hook(self, layer: int):
         def capture(_module, _inputs, output) -> None:
@@ -60,17 +61,15 @@ class TraceReplayRouting:
     experts than the model is mapped by modulo. Outputs are meaningless by design.
     """
 
-    def __init__(self, engine, trace_path: str) -> None:
-        from traces.format import load_trace
-
+    def __init__(self, trace_path: str, shape) -> None:
         trace = load_trace(trace_path, hidden=False)
         if trace.num_rows == 0:
             raise ValueError(f"{trace_path}: the trace has no rows to replay")
-        if trace.top_k < engine.top_k:
-            raise ValueError(f"{trace_path}: trace top_k {trace.top_k} < model top_k {engine.top_k}")
-        experts = torch.from_numpy(trace.experts.astype("int64"))[:, :, : engine.top_k]  # [N, L, K]
-        self.experts = experts % engine.num_experts
-        self.num_layers = engine.num_moe_layers
+        if trace.top_k < shape.top_k:
+            raise ValueError(f"{trace_path}: trace top_k {trace.top_k} < model top_k {shape.top_k}")
+        experts = torch.from_numpy(trace.experts.astype("int64"))[:, :, : shape.top_k]  # [N, L, K]
+        self.experts = experts % shape.num_experts
+        self.num_layers = shape.num_layers
         self.cursor = 0
         self._rows = 0
 

@@ -1,4 +1,4 @@
-"""An event-timed model of one host-to-device copy engine, for the simulator.
+"""A modelled host-to-device link on a virtual clock: the simulator's ``cache.step.Link``.
 
 Design: one copy engine serves copies one at a time, each taking
 ``latency + expert_bytes / bandwidth``. Demand copies (misses the current layer
@@ -6,68 +6,114 @@ waits for) go before every prefetch that has not started; prefetches are FIFO
 among themselves; a started copy is never pre-empted. Work is committed lazily:
 a queued prefetch is only fixed in time once a later event proves it started
 before that event, which is what lets a demand copy overtake it.
+
+The clock moves only when the step waits (stall) and after each computed wave
+(``compute_seconds``), so timing is deterministic. With a ``mover`` the live
+engine can run on this very link (the bytes move at issue time, the timing is
+the model's): that is how live and simulated prefetch outcomes are compared
+under a link whose copies take a fixed number of layer computes.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Sequence
 
 from cache.base import ExpertKey
+from cache.step import StallClock
 
 
-class CopyEngine:
-    def __init__(self, seconds_per_copy: float) -> None:
+class TimedCopy:
+    __slots__ = ("finish", "issued", "key")
+
+    def __init__(self, key: ExpertKey, issued: float) -> None:
+        self.key = key
+        self.issued = issued
+        self.finish: float | None = None  # set once the copy is committed to the engine
+
+
+class TimedLink:
+    def __init__(self, seconds_per_copy: float, compute_seconds: float = 0.0,
+                 mover: Callable[[ExpertKey, int], None] | None = None) -> None:
         self.seconds_per_copy = float(seconds_per_copy)
+        self.compute_seconds = float(compute_seconds)
+        self.mover = mover
+        self.now = 0.0
         self.free_at = 0.0  # when the last committed copy finishes
-        self.pending: deque[tuple[ExpertKey, float]] = deque()  # prefetches not started: (key, issue time)
-        self.in_flight: dict[ExpertKey, float] = {}  # committed prefetches: key -> finish time
+        self.pending: deque[TimedCopy] = deque()  # prefetches not started
         self.copies = 0  # started copies (demand and prefetch)
 
+    # -- the model ---------------------------------------------------------------------
     def advance(self, t: float) -> None:
         """Start every queued prefetch that begins before ``t``."""
         dur = self.seconds_per_copy
         while self.pending:
-            key, issued = self.pending[0]
-            start = max(self.free_at, issued)
+            copy = self.pending[0]
+            start = max(self.free_at, copy.issued)
             if start >= t:
                 break
             self.pending.popleft()
-            self.free_at = start + dur
-            self.in_flight[key] = self.free_at
+            self.free_at = copy.finish = start + dur
             self.copies += 1
 
-    def landed(self, t: float) -> list[ExpertKey]:
-        """Prefetches finished by ``t`` (removed from tracking)."""
-        done = [k for k, f in self.in_flight.items() if f <= t]
-        for k in done:
-            del self.in_flight[k]
-        return done
+    def _commit_now(self, copy: TimedCopy) -> TimedCopy:
+        self.advance(self.now)
+        self.free_at = copy.finish = max(self.free_at, self.now) + self.seconds_per_copy
+        self.copies += 1
+        return copy
 
-    def demand(self, t: float, count: int) -> float:
-        """Queue ``count`` demand copies at ``t`` ahead of queued prefetches; returns when the last ends."""
-        self.advance(t)
-        if count <= 0:
-            return t
-        start = max(self.free_at, t)
-        self.free_at = start + count * self.seconds_per_copy
-        self.copies += count
-        return self.free_at
+    # -- cache.step.Link ----------------------------------------------------------------
+    def demand(self, key: ExpertKey, slot: int) -> TimedCopy:
+        if self.mover is not None:
+            self.mover(key, slot)
+        return self._commit_now(TimedCopy(key, self.now))
 
-    def prefetch(self, key: ExpertKey, t: float) -> None:
-        self.pending.append((key, t))
+    def prefetch(self, key: ExpertKey, slot: int) -> TimedCopy:
+        if self.mover is not None:
+            self.mover(key, slot)
+        copy = TimedCopy(key, self.now)
+        self.pending.append(copy)
+        return copy
 
-    def cancel(self, key: ExpertKey) -> bool:
+    def landed(self, copy: TimedCopy) -> bool:
+        self.advance(self.now)
+        return copy.finish is not None and copy.finish <= self.now
+
+    def cancel(self, copy: TimedCopy) -> bool:
         """Drop a queued prefetch that has not started; False if it already started."""
-        for i, (k, _) in enumerate(self.pending):
-            if k == key:
-                del self.pending[i]
-                return True
+        self.advance(self.now)
+        if copy.finish is None:
+            self.pending.remove(copy)
+            return True
         return False
 
-    def promote(self, key: ExpertKey) -> bool:
-        """A queued prefetch is needed now: drop it from the queue (the caller demands it instead)."""
-        return self.cancel(key)
+    def promote(self, copy: TimedCopy) -> None:
+        """A queued prefetch is needed now: it becomes a demand copy, ahead of the other prefetches."""
+        self.advance(self.now)
+        if copy.finish is None:
+            self.pending.remove(copy)
+            self._commit_now(copy)
 
-    def busy(self) -> set[ExpertKey]:
-        """Keys whose slot is being written or reserved: they must not be evicted."""
-        return set(self.in_flight) | {k for k, _ in self.pending}
+    def wait(self, handles: Sequence[TimedCopy], clock: StallClock, phase: int) -> None:
+        self.advance(self.now)
+        ready = self.now
+        for copy in handles:
+            if copy.finish is None:  # waited on without a promote: it runs as a demand copy
+                self.pending.remove(copy)
+                self._commit_now(copy)
+            ready = max(ready, copy.finish)
+        clock.add(phase, ready - self.now)
+        self.now = ready
+
+    def fence(self) -> None:
+        self.now += self.compute_seconds  # one wave computed
+
+    def drain(self, handles: Sequence[TimedCopy]) -> None:
+        return None
+
+    def finish(self) -> None:
+        """End of the replay: prefetches still queued never moved."""
+        self.advance(self.now)
+
+    def close(self) -> None:
+        return None

@@ -5,8 +5,9 @@ ones the engine runs, so a hit rate measured here is the hit rate the engine
 gets on the same routing. The simulator adds only what the engine gets from
 hardware: a step order (rows grouped by the trace's ``step`` field, as the
 engine batched them, or one row per step) and, optionally, a clock: a
-:class:`~traces.link.CopyEngine` for the host link and a fixed compute time per
-layer, from which stall per token and tokens/s follow.
+:class:`~traces.link.TimedLink` for the host link and a fixed compute time per
+wave, from which stall per token and tokens/s follow. With prefetching or a link,
+each layer runs through ``cache.step.LayerStep``, the very protocol the engine runs.
 
 Step numbering is the engine's: one cache step per (forward, layer) access. The
 unique experts of every (step, layer) are precomputed with numpy, so the inner
@@ -22,13 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from cache.base import ExpertKey, build_policy
+from cache.base import ExpertKey, is_offline_only
 from cache.capacity import split_capacity
 from cache.manager import ExpertCache
+from cache.shape import ModelShape, build_policy_for
+from cache.step import InstantLink, LayerStep, NoPrefetching, Prefetching, StepCounters
 from prefetch.base import build_predictor
-from prefetch.planner import PrefetchPlanner
+from prefetch.planner import PrefetchOutcomes, PrefetchPlanner
 from traces.format import Trace
-from traces.link import CopyEngine
+from traces.link import TimedLink
 
 
 @dataclass(frozen=True)
@@ -130,17 +133,10 @@ def future_accesses(schedule: Schedule) -> list[tuple[int, ExpertKey]]:
 
 
 def make_policy(name: str, schedule: Schedule, num_layers: int, num_experts: int, **kwargs):
-    from cache.base import _REGISTRY  # the factory class tells whether it needs the future
-
-    factory = _REGISTRY.get(name)
-    if factory is not None and getattr(factory, "needs_future", False):
-        kwargs.setdefault("future", future_accesses(schedule))
-    if name in ("eam",):
-        kwargs.setdefault("num_layers", num_layers)
-        kwargs.setdefault("num_experts", num_experts)
-    if name == "nextuse":
-        kwargs.setdefault("num_layers", num_layers)
-    return build_policy(name, **kwargs)
+    """The policy ``name`` for this trace's shape; offline-only policies get the schedule's future."""
+    shape = ModelShape(num_layers, num_experts, top_k=1)
+    future = future_accesses(schedule) if is_offline_only(name) else None
+    return build_policy_for(name, shape, future=future, **kwargs)
 
 
 def capacities_for(trace: Trace, *, slots_per_layer: int | None = None, capacity_fraction: float | None = None,
@@ -223,87 +219,55 @@ def _replay_plain(cache: ExpertCache, schedule: Schedule) -> None:
 
 def _replay_full(trace: Trace, config: SimConfig, schedule: Schedule, cache: ExpertCache, timed: bool,
                  prefetching: bool) -> SimResult:
+    """The replay through ``cache.step.LayerStep``: the engine's own per-layer protocol."""
     layers = trace.num_layers
     expert_bytes = int(config.expert_bytes or 1)
+    shape = ModelShape(layers, trace.num_experts, trace.top_k, expert_bytes)
     budget = config.prefetch_budget_bytes
     if budget is None:
         budget = trace.top_k * config.prefetch_lookahead * expert_bytes  # the engine's default too
-    planner = PrefetchPlanner(expert_bytes, int(budget))
-    predictor = None
+    counters = StepCounters.create(layers, trace.num_experts)
+    if timed:
+        link = TimedLink(config.link_latency_us * 1e-6 + expert_bytes / (config.link_gbps * 1e9),
+                         config.layer_compute_us * 1e-6)
+    else:
+        link = InstantLink()
+    prefetch = NoPrefetching()
     if prefetching:
-        predictor = build_predictor(
-            config.prefetch, num_layers=layers, num_experts=trace.num_experts, top_k=trace.top_k,
-            lookahead=config.prefetch_lookahead, routers=None, path=config.predictor_path,
-            trace=(trace.experts, [r.tolist() for r in schedule.rows]))
-    link = CopyEngine(config.link_latency_us * 1e-6 + expert_bytes / (config.link_gbps * 1e9)) if timed else None
-    compute = config.layer_compute_us * 1e-6
+        predictor = build_predictor(config.prefetch, **shape.predictor_kwargs(config.prefetch_lookahead),
+                                    routers=None, path=config.predictor_path,
+                                    trace=(trace.experts, [r.tolist() for r in schedule.rows]))
+        prefetch = Prefetching(predictor, PrefetchPlanner(expert_bytes, int(budget)), cache, link, counters,
+                               expert_bytes)
+    step = LayerStep(cache, link, counters, expert_bytes, prefetch)
+    ones = [1] * trace.num_experts  # token counts per expert: only the engine's heat map reads them
     experts_t = torch.from_numpy(trace.experts.astype(np.int64))
     hidden_t = torch.from_numpy(trace.hidden) if trace.hidden is not None else None
-    t = 0.0
-    stall = 0.0
-    demand_copies = 0
-    prefetch_copies = 0
-    step = 0
     for rows, step_layers, starts in zip(schedule.rows, schedule.experts, schedule.request_starts):
         for request in starts:
             cache.start_request(request)
-            if predictor is not None and hasattr(predictor, "begin_request"):
-                predictor.begin_request()
-        if predictor is not None:
-            predictor.reset()
+            prefetch.begin_request()
+        prefetch.reset()
         rows_t = torch.from_numpy(rows)
+        routing = experts_t[rows_t]  # [T, L, K]
         for layer, experts in enumerate(step_layers):
-            ready = t
-            if link is not None:
-                link.advance(t)
-                for key in link.landed(t):
-                    planner.on_complete(key)
-            needed = [ExpertKey(layer, e) for e in experts]
-            late = []
-            for key in needed:
-                if key in planner.in_flight:
-                    late.append(key)
-                planner.on_access(key)
-            busy = link.busy() if link is not None else frozenset()
-            waves = cache.access(layer, experts, step, pinned=busy)
-            misses = 0
-            for wave in waves:
-                for _key, _slot, evicted in wave.misses:
-                    misses += 1
-                    if evicted is not None:
-                        planner.on_evict(evicted)
-            demand_copies += misses
-            if link is not None:
-                promoted = sum(1 for key in late if link.promote(key))
-                ready = max(ready, link.demand(t, misses + promoted))
-                for key in late:
-                    finish = link.in_flight.get(key)
-                    if finish is not None:
-                        ready = max(ready, finish)
-            if predictor is not None:
-                hidden = hidden_t[rows_t, layer] if hidden_t is not None else None
-                predictor.observe(layer, hidden, experts_t[rows_t, layer])
-                needed_set = set(needed)
-                for key, _slot, _evicted in planner.plan(predictor.predict(layer), cache, needed_set):
-                    if link is not None:
-                        link.prefetch(key, t)
-                    else:
-                        prefetch_copies += 1
-                        planner.on_complete(key)
-                for key in planner.stale(layer):
-                    if link is not None and link.cancel(key):
-                        cache.evict(key)
-                        planner.on_cancel(key)
-            stall += ready - t
-            t = ready + compute
-            step += 1
-    if link is not None:
-        link.advance(t)  # prefetches still queued at the end never moved
+            hidden = hidden_t[rows_t, layer] if hidden_t is not None else None
+            for _wave in step.run(layer, experts, ones[: len(experts)], 1, hidden, routing[:, layer]):
+                pass  # the engine computes here; the link's clock charges it
+    step.sync_counters()
+    if timed:
+        link.finish()
         moved = link.copies
     else:
-        moved = demand_copies + prefetch_copies
-    return _result(config, trace, schedule, cache, moved=moved, prefetch=planner.outcomes.as_dict(),
-                   stall=stall if timed else None, total=t if timed else None)
+        moved = counters.demand_copies + counters.prefetch_copies
+    total = link.now if timed else None
+    return _result(config, trace, schedule, cache, moved=moved, prefetch=prefetch_outcomes(prefetch),
+                   stall=sum(counters.stall_seconds) if timed else None, total=total)
+
+
+def prefetch_outcomes(prefetch: Prefetching | NoPrefetching) -> dict[str, int]:
+    planner = getattr(prefetch, "planner", None)
+    return planner.outcomes.as_dict() if planner is not None else PrefetchOutcomes().as_dict()
 
 
 def _result(config: SimConfig, trace: Trace, schedule: Schedule, cache: ExpertCache, *, moved: int,

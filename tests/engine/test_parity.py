@@ -80,7 +80,8 @@ def test_slot_memory_never_exceeds_budget(tiny_model_dir):
         budget = 0.000050 * 1e9
         held = eng.runtime.slots.numel() * eng.runtime.slots.element_size()
         assert held <= budget
-        assert eng.stats()["expert_cache_capacity_bytes"] == held
+        assert held == 0  # CPU without an emulated link: a slot is the host page itself
+        assert eng.stats()["expert_cache_capacity_bytes"] == eng.cache.num_slots * eng.store.page_bytes <= budget
         eng.logits(torch.randint(3, 128, (1, 16)))
         assert eng.stats()["expert_cache_used_bytes"] <= budget
 
