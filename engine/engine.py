@@ -240,7 +240,7 @@ class Engine:
             "stall_seconds_prefill": c.stall_seconds[0],
             "stall_seconds_decode": c.stall_seconds[1],
             "prefetch": {"issued": c.prefetch_issued, "useful": c.prefetch_useful, "wasted": c.prefetch_wasted,
-                          "late": c.prefetch_late},
+                          "late": c.prefetch_late, "cancelled": c.prefetch_cancelled},
             "cpu_computed": c.cpu_computed,
             "cpu_compute": self.hybrid.describe() if self.hybrid is not None else None,
             "routing_substitutions": c.routing_substitutions,

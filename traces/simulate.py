@@ -17,6 +17,7 @@ loop is plain Python over int lists.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -227,11 +228,7 @@ def _replay_full(trace: Trace, config: SimConfig, schedule: Schedule, cache: Exp
     if budget is None:
         budget = trace.top_k * config.prefetch_lookahead * expert_bytes  # the engine's default too
     counters = StepCounters.create(layers, trace.num_experts)
-    if timed:
-        link = TimedLink(config.link_latency_us * 1e-6 + expert_bytes / (config.link_gbps * 1e9),
-                         config.layer_compute_us * 1e-6)
-    else:
-        link = InstantLink()
+    link = timed_link(config) if timed else InstantLink()
     prefetch = NoPrefetching()
     if prefetching:
         predictor = build_predictor(config.prefetch, **shape.predictor_kwargs(config.prefetch_lookahead),
@@ -268,6 +265,14 @@ def _replay_full(trace: Trace, config: SimConfig, schedule: Schedule, cache: Exp
 def prefetch_outcomes(prefetch: Prefetching | NoPrefetching) -> dict[str, int]:
     planner = getattr(prefetch, "planner", None)
     return planner.outcomes.as_dict() if planner is not None else PrefetchOutcomes().as_dict()
+
+
+def timed_link(config: SimConfig, mover: Callable[[ExpertKey, int], None] | None = None) -> TimedLink:
+    """The modelled link of ``config``; with a ``mover`` the live engine runs on the same clock."""
+    if config.link_gbps is None or not config.expert_bytes:
+        raise ValueError("a link model needs --link-gbps and the expert size (--expert-bytes)")
+    seconds = config.link_latency_us * 1e-6 + config.expert_bytes / (config.link_gbps * 1e9)
+    return TimedLink(seconds, config.layer_compute_us * 1e-6, mover)
 
 
 def _result(config: SimConfig, trace: Trace, schedule: Schedule, cache: ExpertCache, *, moved: int,
