@@ -26,14 +26,8 @@ SUBCOMMANDS = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moepager", description="Serve MoE models larger than the GPU.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module_name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("server.cmd_"):
-                continue  # subcommand not installed in this build
-            raise
-        module.add_parser(sub)
+    for _name, module_name in SUBCOMMANDS:
+        importlib.import_module(module_name).add_parser(sub)
     return parser
 
 

@@ -51,7 +51,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine import train_tiny
+    from engine.default_model import train as train_tiny
 
     if args.top_k > args.experts:
         raise ValueError(f"--top-k {args.top_k} is larger than --experts {args.experts}")

@@ -59,7 +59,7 @@ def test_loads_as_moe(model_and_tokenizer):
 def test_heldout_perplexity_far_below_unigram(model_and_tokenizer):
     import numpy as np
 
-    from engine.train_tiny import encode_documents, evaluate
+    from engine.default_model.train import encode_documents, evaluate
 
     model, tok = model_and_tokenizer
     text = HELDOUT.read_text(encoding="utf-8")

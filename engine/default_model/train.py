@@ -622,7 +622,7 @@ Special tokens: `<|endoftext|>` (document separator and EOS), `<|im_start|>`, `<
 ## Data
 - Source: the reStructuredText sources of the Python 3.11 documentation
   (`/usr/share/doc/python3.11/html/_sources`) from Debian's `python3.11-doc` package
-  (version 3.11.2-6+deb12u9), converted to plain text by `engine.train_tiny.clean_rst`
+  (version 3.11.2-6+deb12u9), converted to plain text by `engine.default_model.train.clean_rst`
   (markup roles, directives, index entries and heading underlines removed; prose and code examples
   kept).
 - License: per the documentation's own "History and License" page, Python software and
@@ -671,7 +671,7 @@ previous token; independent uniform routing would give K/E = {metrics['random_ov
 |---|---|---|---|---|---|
 {rows}
 
-Reproduce with `engine.train_tiny.evaluate_dir(default_model_path(), text)`.
+Reproduce with `engine.default_model.train.evaluate_dir(default_model_path(), text)`.
 
 ## Limitations
 Tiny model, small single-domain corpus, one epoch-scale run on a CPU: text is locally fluent but
