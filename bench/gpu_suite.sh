@@ -2,6 +2,7 @@
 # GPU acceptance suite: the one command to run on a CUDA machine (under 9 minutes).
 #
 #   bash bench/gpu_suite.sh            # logs and JSON under ${OUT:-bench/out}
+#   bash bench/gpu_suite.sh --smoke    # the same steps, tiny: under a minute, on the CPU when there is no GPU
 #
 # Needs only what the GPU machine has: torch (CUDA), transformers, safetensors, numpy, and
 # pytest for the test step. Nothing is installed or downloaded: the repository is used in
@@ -11,12 +12,19 @@
 # If pytest is missing, point WHEELS at a folder holding its wheel: it is installed from there
 # with `pip install --no-index --no-deps`.
 #
-# Steps: versions -> build cuda_ext -> pytest tests/gpu + tests/engine/test_parity.py ->
+# Steps: versions -> build cuda_ext -> pytest tests/gpu, tests/engine/test_parity.py and the CUDA ordering test ->
 # bench/gpu_bench.py on the default-model trace in tests/data (recorded first if absent).
 # Exit status: non-zero if the tests failed or the benchmark did not run.
 
 set -uo pipefail
 cd "$(dirname "$0")/.."
+SMOKE=0
+for arg in "$@"; do
+  case "$arg" in
+    --smoke) SMOKE=1 ;;
+    *) echo "usage: bash bench/gpu_suite.sh [--smoke]" >&2; exit 2 ;;
+  esac
+done
 OUT="${OUT:-bench/out}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -54,7 +62,14 @@ PREDICTOR=""
 for candidate in tests/data/*predictor*.safetensors; do
   [ -f "$candidate" ] && PREDICTOR="$candidate" && break
 done
+HAS_CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 BENCH_ARGS=(--out "$OUT/gpu_bench.json" --tokens 48)
+TESTS=(tests/gpu tests/engine/test_parity.py tests/engine/test_cuda_ordering.py)
+if [ "$SMOKE" -eq 1 ]; then
+  BENCH_ARGS=(--out "$OUT/gpu_bench.json" --small --tokens 4 --fractions 0.25 --policies lru --prefetch none)
+  [ "$HAS_CUDA" -eq 1 ] || BENCH_ARGS+=(--device cpu)
+  TESTS=(tests/gpu tests/engine/test_cuda_ordering.py tests/engine/test_parity.py -k "olmoe or cuda")
+fi
 if [ -n "$TRACE" ]; then
   echo "trace: $TRACE"; BENCH_ARGS+=(--trace "$TRACE")
 else
@@ -66,17 +81,21 @@ fi
 PREP_PID=$!
 
 step "build cuda_ext"
-timeout "$(left 360)" "$PY" -m cuda_ext.build --quiet 2>&1 | tee "$OUT/cuda_ext_build.log"
-echo "cuda_ext build exit status: ${PIPESTATUS[0]}"
+if [ "$SMOKE" -eq 1 ] && [ "$HAS_CUDA" -eq 0 ]; then
+  echo "smoke run without CUDA: build skipped (the torch reference runs)" | tee "$OUT/cuda_ext_build.log"
+else
+  timeout "$(left 360)" "$PY" -m cuda_ext.build --quiet 2>&1 | tee "$OUT/cuda_ext_build.log"
+  echo "cuda_ext build exit status: ${PIPESTATUS[0]}"
+fi
 
-step "tests: tests/gpu tests/engine/test_parity.py"
+step "tests: ${TESTS[*]}"
 if ! "$PY" -c "import pytest" 2>/dev/null; then
   if [ -n "${WHEELS:-}" ]; then
     "$PY" -m pip install --no-index --no-deps --find-links "$WHEELS" pytest iniconfig pluggy packaging 2>&1 | tail -2
   fi
 fi
 if "$PY" -c "import pytest" 2>/dev/null; then
-  timeout "$(left 200)" "$PY" -m pytest -q -rs -p no:cacheprovider tests/gpu tests/engine/test_parity.py \
+  timeout "$(left 200)" "$PY" -m pytest -q -rs -p no:cacheprovider "${TESTS[@]}" \
     --junitxml "$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log"
   test_rc=${PIPESTATUS[0]}
   echo "pytest exit status: $test_rc"

@@ -299,6 +299,8 @@ class LayerStep:
         cache, link, counters, pf = self.cache, self.link, self.counters, self.prefetching
         step = self.clock
         self.clock += 1
+        if layer == 0:
+            self.stall.settle()  # device-timed stalls that are readable by now (never blocks)
         act = counters.activations[layer]
         for e, n in zip(experts, counts):
             act[e] += n

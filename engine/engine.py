@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from typing import Self
 
 import torch
+from transformers.integrations.moe import ExpertsInterface
 
 from cache.base import is_offline_only
 from cuda_ext import select_expert_ffn
@@ -37,8 +38,6 @@ def _moepager_experts_forward(self, hidden_states: torch.Tensor, top_k_index: to
 
 
 def register_experts_implementation() -> None:
-    from transformers.integrations.moe import ExpertsInterface
-
     ExpertsInterface.register(_IMPL_NAME, _moepager_experts_forward)
 
 

@@ -26,6 +26,11 @@ __all__ = ["DECODE", "PREFILL", "ActiveStep", "EngineCounters", "OffloadRuntime"
            "TorchExpertCompute"]
 
 
+def routing_to_host(top_k_index: torch.Tensor) -> torch.Tensor:
+    """The one host sync per layer (tests wrap it to allow exactly this sync)."""
+    return top_k_index.to("cpu")
+
+
 @dataclass
 class ActiveStep:
     """What the generation loop told us about the rows of the current forward."""
@@ -186,7 +191,7 @@ class OffloadRuntime:
 
     def _forward_rows(self, module, hidden, top_k_index, top_k_weights, phase: int) -> torch.Tensor:
         layer = module._moepager_layer
-        idx_host = top_k_index.to("cpu")  # sync: routing decides which experts must be resident  [T, K]
+        idx_host = routing_to_host(top_k_index)  # sync: routing decides which experts must be resident  [T, K]
         unique_t, counts_t = torch.unique(idx_host, return_counts=True)
         experts, counts = unique_t.tolist(), counts_t.tolist()  # [U], [U]
         T, K = idx_host.shape

@@ -31,8 +31,9 @@ from cache.shape import ModelShape, build_policy_for
 from cache.step import InstantLink, LayerStep, NoPrefetching, Prefetching, StepCounters
 from prefetch.base import build_predictor
 from prefetch.planner import PrefetchOutcomes, PrefetchPlanner
-from traces.format import Trace
+from traces.format import Trace, load_trace
 from traces.link import TimedLink
+from traces.stats import working_set_profile
 
 
 @dataclass(frozen=True)
@@ -161,9 +162,6 @@ def capacities_for(trace: Trace, *, slots_per_layer: int | None = None, capacity
             raise ValueError("a profile split needs --cache-scope layer")
         return split_capacity(total, layers, "global", num_experts=num_experts), "global"
     if split.startswith("profile:"):
-        from traces.format import load_trace
-        from traces.stats import working_set_profile
-
         profile_trace = load_trace(split.split(":", 1)[1], hidden=False)
         if profile_trace.num_layers != layers:
             raise ValueError(f"profile trace has {profile_trace.num_layers} MoE layers, this trace {layers}")

@@ -8,8 +8,10 @@ import time
 import pytest
 import torch
 
+from cache.base import ExpertKey
+from cache.step import StallClock
 from engine import Engine
-from engine.transfer import DEMAND, CudaTransferEngine
+from engine.transfer import CudaLink, TorchCuda
 
 pytestmark = pytest.mark.gpu
 
@@ -19,54 +21,67 @@ MIN_SLOTS = 2 * 3  # top_k x MoE layers of the tiny olmoe
 def test_pages_pinned_and_copies_on_the_copy_stream(tiny_model_dir):
     with Engine.from_pretrained(tiny_model_dir("olmoe"), device="cuda", expert_slots=MIN_SLOTS,
                                 progress=False) as eng:
-        assert isinstance(eng.transfer, CudaTransferEngine)
+        assert isinstance(eng.link, CudaLink) and not eng.zero_copy
         assert eng.store.pinned and eng.store.pages.is_pinned()
         assert eng.runtime.slots.is_cuda
-        assert eng.transfer.stream != torch.cuda.current_stream()
+        assert eng.link.stream != torch.cuda.current_stream()
         handles, waited = [], []
-        copy, wait = eng.transfer.copy, eng.transfer.wait
+        demand, wait = eng.link.demand, eng.link.wait
 
-        def spy_copy(*args, **kwargs):
-            handles.append(copy(*args, **kwargs))
+        def spy_demand(*args, **kwargs):
+            handles.append(demand(*args, **kwargs))
             return handles[-1]
 
-        def spy_wait(handle):
-            waited.append(handle)
-            wait(handle)
+        def spy_wait(batch, clock, phase):
+            waited.extend(batch)
+            wait(batch, clock, phase)
 
-        eng.transfer.copy, eng.transfer.wait = spy_copy, spy_wait
+        eng.link.demand, eng.link.wait = spy_demand, spy_wait
         eng.logits(torch.randint(3, 128, (1, 12)))
         torch.cuda.synchronize()
         assert handles, "one expert slot per layer short of all experts: some copies must happen"
         assert all(h.event is not None and h.event.query() for h in handles)
         assert waited and {id(h) for h in waited} <= {id(h) for h in handles}
+        assert eng.stats()["stall_seconds"] >= 0.0
+
+
+class OnePage:
+    """A store of one page (``CudaLink`` reads ``page_bytes`` and ``page(layer, expert)``)."""
+
+    def __init__(self, src: torch.Tensor) -> None:
+        self.src = src
+        self.page_bytes = src.numel() * src.element_size()
+
+    def page(self, layer: int, expert: int) -> torch.Tensor:
+        return self.src
 
 
 def test_copy_runs_off_the_compute_stream():
-    transfer = CudaTransferEngine(torch.device("cuda"))
     src = torch.full((256 << 20,), 7, dtype=torch.uint8).pin_memory()
-    dst = torch.zeros(src.shape, dtype=torch.uint8, device="cuda")
+    dst = torch.zeros((1, *src.shape), dtype=torch.uint8, device="cuda")
+    link = CudaLink(OnePage(src), dst, TorchCuda(torch.device("cuda")))
     torch.cuda.synchronize()
-    handle = transfer.copy("expert", 0, src, dst, DEMAND)
+    handle = link.demand(ExpertKey(0, 0), 0)
     assert torch.cuda.current_stream().query(), "the copy was queued on the compute stream"
-    transfer.wait(handle)  # the compute stream now waits on the copy's event
-    assert handle.event.query()
+    clock = StallClock()
+    link.wait([handle], clock, 1)  # the compute stream now waits on the copy's event; the host does not
     assert bool((dst == 7).all())
-    transfer.close()
+    assert clock.settle(block=True)[1] >= 0.0
+    link.close()
 
 
 def test_slot_overwrite_waits_for_the_compute_reading_it():
-    transfer = CudaTransferEngine(torch.device("cuda"))
     src = torch.ones(1 << 20).pin_memory()
-    slot = torch.zeros(1 << 20, device="cuda")
+    slot = torch.zeros((1, 1 << 20), device="cuda")
+    link = CudaLink(OnePage(src), slot, TorchCuda(torch.device("cuda")))
     torch.cuda.synchronize()
-    torch.cuda._sleep(200_000_000)  # a long kernel on the compute stream, standing in for a layer reading the slot
-    transfer.after_compute()
-    handle = transfer.copy("expert", 0, src, slot, DEMAND)
+    torch.cuda._sleep(200_000_000)  # a long kernel on the compute stream, standing in for a wave reading the slot
+    link.fence()
+    handle = link.demand(ExpertKey(0, 0), 0)
     assert not handle.event.query(), "the copy overtook compute still reading the slot"
     torch.cuda.synchronize()
     assert handle.event.query() and bool((slot == 1).all())
-    transfer.close()
+    link.close()
 
 
 @pytest.mark.parametrize("budget", ["slots", "gb"])
