@@ -39,6 +39,7 @@ def test_prefetch_never_changes_outputs(tiny_model_dir, predictor):
     assert tokens == base_tokens
     torch.testing.assert_close(logits, base_logits, atol=0, rtol=0)
     p = stats["prefetch"]
+    assert p["issued"] > 0, "nothing was prefetched: the outputs were compared without prefetching"
     assert p["useful"] + p["wasted"] + p["late"] <= p["issued"]
 
 
