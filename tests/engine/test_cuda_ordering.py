@@ -37,6 +37,7 @@ class FakeEvent:
         return all(op["ran"] for op in self.pending)
 
     def synchronize(self) -> None:
+        self.device.host_waits += 1
         self.device.run_until(self.query)
 
     def elapsed_time(self, other: FakeEvent) -> float:
@@ -55,6 +56,7 @@ class FakeStream:
         self.ops.append({"kind": "wait", "record": event.pending[-1] if event.pending else None})
 
     def synchronize(self) -> None:
+        self.device.host_waits += 1
         self.device.run_until(lambda: not self.ops)
 
 
@@ -68,6 +70,7 @@ class FakeDevice:
         self.slots: dict[int, ExpertKey] = {}
         self.violations: list[str] = []
         self.reads = 0
+        self.host_waits = 0  # event or stream synchronizations: the host blocked
 
     def _runnable(self) -> list[FakeStream]:
         out = []
@@ -196,6 +199,7 @@ def _drive(link_cls, order: str, seed: int, scope: str) -> FakeDevice:
             if isinstance(link, LayerFenceOnly):
                 link.layer_done()
             device.run_some(rng.randint(0, 6))  # the device runs behind the host by a random amount
+    assert device.host_waits == 0, "the step blocked the host on the device"
     for stream in device.streams:
         stream.synchronize()
     assert waves > len(script) * layers, "the steps must need waves"
