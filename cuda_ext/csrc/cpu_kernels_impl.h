@@ -32,6 +32,16 @@ struct V {
     return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
   }
   static inline float sum(R a) { return _mm512_reduce_add_ps(a); }
+  // int4 by table lookup: VPERMPS reads only the low 4 bits of each index lane, so the byte
+  // itself indexes the group's 16 dequantized values (low nibble), and byte >> 4 the high one.
+  static inline R lut_table(float s) {
+    return _mm512_mul_ps(_mm512_set1_ps(s), _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static inline __m512i lut_bytes(const uint8_t* p) {
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static inline R lut_lo(__m512i b, R table) { return _mm512_permutexvar_ps(b, table); }
+  static inline R lut_hi(__m512i b, R table) { return _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table); }
 };
 #elif defined(MP_AVX2)
 struct V {
@@ -60,6 +70,7 @@ struct V {
     b = _mm_and_si128(b, _mm_set1_epi8(0x0F));
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
   }
+  // int4: 8-entry permutes only, so no table lookup; convert and scale instead
   static inline float sum(R a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -133,6 +144,33 @@ static void tile(const TileArgs& a, int64_t r, int nr, int64_t t0) {
   for (int i = 0; i < RB; ++i)
     for (int t = 0; t < TB; ++t) acc[i][t] = V::zero();
   float sums[RB][TB];
+#if defined(MP_AVX512)
+  if constexpr (KIND == kI4) {
+    const int64_t G = a.group, ngroups = K / G;
+    for (int64_t g = 0; g < ngroups; ++g) {
+      typename V::R table[RB];
+      for (int i = 0; i < RB; ++i)
+        table[i] = V::lut_table(ld_scalar(a.scales, a.sdtype, (r + (i < nr ? i : nr - 1)) * ngroups + g));
+      for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+        __m512i b[RB];
+        for (int i = 0; i < RB; ++i) b[i] = V::lut_bytes(wp[i] + k / 2);
+        typename V::R wv[RB];
+        for (int i = 0; i < RB; ++i) wv[i] = V::lut_lo(b[i], table[i]);
+        for (int t = 0; t < TB; ++t) {
+          const typename V::R xv = V::ldx(xp[t] + k);
+          for (int i = 0; i < RB; ++i) acc[i][t] = V::fma(wv[i], xv, acc[i][t]);
+        }
+        for (int i = 0; i < RB; ++i) wv[i] = V::lut_hi(b[i], table[i]);
+        for (int t = 0; t < TB; ++t) {
+          const typename V::R xv = V::ldx(xp[t] + k + 16);
+          for (int i = 0; i < RB; ++i) acc[i][t] = V::fma(wv[i], xv, acc[i][t]);
+        }
+      }
+    }
+    for (int i = 0; i < RB; ++i)
+      for (int t = 0; t < TB; ++t) sums[i][t] = V::sum(acc[i][t]);
+  } else
+#endif
   if constexpr (KIND == kI4) {
     // w = q * s - 8 s with the group's scale s, folded into one FMA per weight vector.
     const int64_t G = a.group, ngroups = K / G;

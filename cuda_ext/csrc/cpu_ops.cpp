@@ -5,7 +5,11 @@
 // moepager_cpu::set_isa.
 #include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
+#include <ATen/ops/bitwise_and.h>
+#include <ATen/ops/bitwise_right_shift.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/sigmoid.h>
 #include <ATen/ops/silu.h>
@@ -26,6 +30,9 @@ namespace {
 constexpr int64_t kAlign = 64;
 constexpr int64_t kRowBlock = 4;        // rows per tile; thread ranges are whole tiles
 constexpr int64_t kLinearMaxTokens = 16;  // beyond this oneDNN's GEMM (at::linear) is faster
+// An expert with more tokens than this (prefill) is dequantized and multiplied by oneDNN's GEMM:
+// the row-dot kernels are compute-bound there, a blocked GEMM is not.
+constexpr int64_t kGemmTokens = 32;
 
 int64_t align64(int64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
@@ -147,6 +154,26 @@ at::Tensor act_fn(const at::Tensor& gu, bool interleaved, c10::string_view act, 
   return ((up + 1) * gate * at::sigmoid(gate * alpha)).contiguous();
 }
 
+// One weight matrix of a page as a dense tensor: a view for float pages, dequantized (fp32) else.
+at::Tensor dense_weight(const uint8_t* page, int kind, at::ScalarType dtype, int64_t w_off, int64_t s_off,
+                        int64_t rows, int64_t K, int64_t group) {
+  auto opts = at::TensorOptions().device(at::kCPU);
+  void* w = const_cast<uint8_t*>(page + w_off);
+  if (kind != kI8 && kind != kI4) return at::from_blob(w, {rows, K}, opts.dtype(dtype));
+  void* s = const_cast<uint8_t*>(page + s_off);
+  if (kind == kI8)
+    return at::from_blob(w, {rows, K}, opts.dtype(at::kChar)).to(at::kFloat) *
+           at::from_blob(s, {rows, 1}, opts.dtype(dtype)).to(at::kFloat);
+  const at::Tensor b = at::from_blob(w, {rows, K / 32, 1, 16}, opts.dtype(at::kByte));
+  const at::Tensor q = at::cat({at::bitwise_and(b, 15), at::bitwise_right_shift(b, 4)}, 2).to(at::kFloat) - 8;
+  const at::Tensor sc = at::from_blob(s, {rows, K / group, 1}, opts.dtype(dtype)).to(at::kFloat);
+  return (q.view({rows, K / group, group}) * sc).view({rows, K});
+}
+
+at::Tensor bias_of(const uint8_t* page, int64_t off, int64_t n, at::ScalarType dtype) {
+  return at::from_blob(const_cast<uint8_t*>(page + off), {n}, at::TensorOptions().dtype(dtype)).to(at::kFloat);
+}
+
 at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& pages, const at::Tensor& rows, const at::Tensor& idx,
                        const at::Tensor& weights, c10::string_view kind, at::ScalarType dtype, int64_t hidden,
                        int64_t inter, bool transposed, bool interleaved, bool has_bias, int64_t group_size,
@@ -215,12 +242,13 @@ at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& pages, const at::T
 
   const uint8_t* base = pages.data_ptr<uint8_t>();
   const int64_t page_stride = pages.stride(0);
-  std::vector<int64_t> active;
+  std::vector<int64_t> active, gemm;  // experts for the row-dot kernels / for the GEMM
   for (int64_t u = 0; u < U; ++u)
     if (count[u] > 0) {
       TORCH_CHECK(rp[u] >= 0 && rp[u] < pages.size(0), "moe_ffn: rows[", u, "] = ", rp[u], " is not a page");
-      active.push_back(u);
+      (count[u] > kGemmTokens ? gemm : active).push_back(u);
     }
+  const at::ScalarType wdt = code == kI8 || code == kI4 ? at::kFloat : dtype;  // the GEMM's dtype
 
   // 2) gate_up for every active expert: gu [N, 2I] = x_e @ W1^T + b1
   at::Tensor gu = at::zeros({N, 2 * I}, xf.options());
@@ -238,6 +266,13 @@ at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& pages, const at::T
     jobs.push_back(a);
   }
   run_rows(kt, jobs, 2 * I);
+  for (int64_t u : gemm) {
+    const uint8_t* page = base + rp[u] * page_stride;
+    const at::Tensor w1 = dense_weight(page, code, dtype, L.w1, L.s1, 2 * I, H, group_size);
+    at::Tensor y = at::linear(xg.slice(0, start[u], start[u] + count[u]).to(wdt), w1).to(at::kFloat);
+    if (has_bias) y = y + bias_of(page, L.b1, 2 * I, dtype);
+    gu.slice(0, start[u], start[u] + count[u]).copy_(y);
+  }
 
   // 3) activation, then down: out[tok] += w * (h_e @ W2^T + b2)
   const at::Tensor h = act_fn(gu, interleaved, act, alpha, limit);  // [N, I]
@@ -256,6 +291,15 @@ at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& pages, const at::T
     jobs.push_back(a);
   }
   run_rows(kt, jobs, H);
+  for (int64_t u : gemm) {
+    const uint8_t* page = base + rp[u] * page_stride;
+    const at::Tensor w2 = dense_weight(page, code, dtype, L.w2, L.s2, H, I, group_size);
+    at::Tensor y = at::linear(h.slice(0, start[u], start[u] + count[u]).to(wdt), w2).to(at::kFloat);
+    if (has_bias) y = y + bias_of(page, L.b2, H, dtype);
+    const at::Tensor wt = at::from_blob(ent_w.data() + start[u], {count[u], 1}, xf.options());
+    const at::Tensor tok = at::from_blob(ent_tok.data() + start[u], {count[u]}, xf.options().dtype(at::kLong));
+    out.index_add_(0, tok, y * wt);
+  }
   return out.to(x.scalar_type());
 }
 

@@ -105,10 +105,12 @@ def _routing(T: int, U: int, seed: int):
     return idx, weights
 
 
-def _check(fmt: PageFormat, act: str, T: int, x_dtype: torch.dtype, seed: int = 0) -> None:
+def _check(fmt: PageFormat, act: str, T: int, x_dtype: torch.dtype, seed: int = 0, crowd: bool = False) -> None:
     pages = _pages(fmt)
     rows = torch.tensor(ROWS)  # the layer's experts live in scattered page rows
     idx, weights = _routing(T, rows.numel(), seed)
+    if crowd:  # every token on expert 1 (a prefill-sized batch for one expert), others as routed
+        idx[:, 0] = 1
     x = torch.randn(T, fmt.hidden, generator=torch.Generator().manual_seed(seed + 1)).to(x_dtype)
     got = moe_ffn(x, pages, rows, idx, weights, fmt, act)
     want = moe_ffn_reference(x, pages, rows, idx, weights, fmt.kind, fmt.dtype, fmt.hidden, fmt.intermediate,
@@ -143,6 +145,14 @@ def test_moe_ffn_every_isa(native, isa, kind_name, arch):
             _check(_fmt(kind_name, arch, H, I), ARCHS[arch][3], T, torch.float32, seed=T)
     finally:
         native_cpu.set_isa(native)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("kind_name", list(KINDS))
+def test_moe_ffn_many_tokens_per_expert(native, kind_name, arch):
+    """More than 32 tokens on one expert take the dequantize + GEMM path; the rest the row kernels."""
+    fmt = _fmt(kind_name, arch, 64, 32)
+    _check(fmt, ARCHS[arch][3], 40, fmt.dtype if fmt.kind == "float" else torch.bfloat16, crowd=True)
 
 
 def test_moe_ffn_odd_sizes(native):
