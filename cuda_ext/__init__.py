@@ -6,8 +6,14 @@ weights straight out of its slot. SiLU-gated experts go through the op
 kernel on every device, and a compiled kernel (``csrc/``, built on first CUDA use
 or with ``python -m cuda_ext.build``) overrides it for CUDA. A failed native build
 is reported at first use and in ``native_status()``, never at import.
+
+On the host, ``moe_ffn`` runs one MoE layer's routed experts straight from their
+pages (``PageFormat``: float, int8 or int4) and ``linear`` / ``NativeLinear`` the
+dense layers at small T; native C++ kernels (``cpu.py``, ``native_cpu.py``)
+override their torch references for CPU tensors once built.
 """
 
+from cuda_ext.cpu import NativeLinear, cpu_kernel_status, linear, linear_reference, moe_ffn, moe_ffn_reference
 from cuda_ext.ops import (
     MAX_NATIVE_TOKENS,
     expert_ffn,
@@ -17,6 +23,8 @@ from cuda_ext.ops import (
     select_expert_ffn,
     silu_layout,
 )
+from cuda_ext.pages import PageFormat
 
-__all__ = ["MAX_NATIVE_TOKENS", "expert_ffn", "expert_ffn_reference", "expert_ffn_silu_reference",
-           "native_status", "select_expert_ffn", "silu_layout"]
+__all__ = ["MAX_NATIVE_TOKENS", "NativeLinear", "PageFormat", "cpu_kernel_status", "expert_ffn",
+           "expert_ffn_reference", "expert_ffn_silu_reference", "linear", "linear_reference", "moe_ffn",
+           "moe_ffn_reference", "native_status", "select_expert_ffn", "silu_layout"]

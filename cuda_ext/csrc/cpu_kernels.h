@@ -1,0 +1,44 @@
+// Interface between the torch-facing ops (cpu_ops.cpp) and the per-ISA kernels (cpu_kernels.cpp).
+// This header must not include torch: the kernel translation unit is compiled region by region
+// with its own target attributes, and no torch inline code may be instantiated there.
+#pragma once
+#include <cstdint>
+
+namespace moepager_cpu {
+
+enum Kind : int { kF32 = 0, kBF16 = 1, kF16 = 2, kI8 = 3, kI4 = 4 };
+enum ScalarCode : int { kS32 = 0, kSBF16 = 1, kSF16 = 2 };
+
+// out[out_rows[t], r] += wt[t] * (dot(W[r, :], x[t, :]) * scale_r + bias[r]) for r in [r0, r1), t < n.
+// int8: one scale per row; int4: one scale per (row, group); float kinds: no scales.
+struct TileArgs {
+  const uint8_t* w;         // row 0 of the weight matrix [rows, K] (int4: [rows, K/2] bytes)
+  int64_t w_row_bytes;      // bytes from one row to the next
+  int kind;                 // Kind
+  int64_t K;                // input dim
+  int64_t group;            // int4 group size (a multiple of 32)
+  const void* scales;       // int8 [rows], int4 [rows, K/group]; in scalar code `sdtype`
+  int sdtype;               // ScalarCode of scales and bias
+  const void* bias;         // [rows] or nullptr
+  const float* x;           // [n, K] fp32
+  const uint16_t* xb;       // [n, K] bf16 copy of x (only read by the AVX512_BF16 bf16 kernel)
+  int64_t n;                // tokens
+  const int64_t* out_rows;  // [n] output row of each token, nullptr = t
+  const float* wt;          // [n] weight of each token, nullptr = 1
+  float* out;               // accumulated into
+  int64_t ldo;              // out row stride (elements)
+};
+
+using RowsFn = void (*)(const TileArgs&, int64_t r0, int64_t r1);
+
+struct KernelTable {
+  const char* name;     // "avx512bf16", "avx512", "avx2"
+  RowsFn rows;
+  bool bf16_x;          // wants TileArgs::xb for kBF16 weights
+};
+
+const KernelTable* table_avx2();
+const KernelTable* table_avx512();
+const KernelTable* table_avx512bf16();
+
+}  // namespace moepager_cpu

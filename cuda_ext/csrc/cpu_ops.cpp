@@ -1,0 +1,327 @@
+// CPU kernels of moepager::moe_ffn and moepager::linear (TORCH_LIBRARY_IMPL(moepager, CPU)).
+// The ops and their torch references are declared in cuda_ext/cpu.py; this file only overrides
+// them for CPU tensors. The arithmetic lives in cpu_kernels.cpp (one region per ISA); the ISA is
+// chosen at run time from cpuid, capped by MOEPAGER_CPU_ISA, and can be changed for tests through
+// moepager_cpu::set_isa.
+#include <ATen/Parallel.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/sigmoid.h>
+#include <ATen/ops/silu.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cpu_kernels.h"
+
+namespace moepager_cpu {
+namespace {
+
+constexpr int64_t kAlign = 64;
+constexpr int64_t kRowBlock = 4;        // rows per tile; thread ranges are whole tiles
+constexpr int64_t kLinearMaxTokens = 16;  // beyond this oneDNN's GEMM (at::linear) is faster
+
+int64_t align64(int64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+// Levels: 3 avx512bf16, 2 avx512 (F/BW/VL/DQ), 1 avx2 (+FMA, F16C), 0 none.
+int detect_level() {
+  __builtin_cpu_init();
+  if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return 0;
+  if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")))
+    return 1;
+  return __builtin_cpu_supports("avx512bf16") ? 3 : 2;
+}
+
+int level_of(const std::string& name) {
+  if (name == "avx512bf16") return 3;
+  if (name == "avx512") return 2;
+  if (name == "avx2") return 1;
+  if (name == "scalar" || name == "none" || name == "reference") return 0;
+  return -1;
+}
+
+const KernelTable* table_of(int level) {
+  switch (level) {
+    case 3: return table_avx512bf16();
+    case 2: return table_avx512();
+    case 1: return table_avx2();
+    default: return nullptr;
+  }
+}
+
+std::atomic<int> g_level{-1};
+
+int initial_level() {
+  int level = detect_level();
+  if (const char* env = std::getenv("MOEPAGER_CPU_ISA")) {
+    const int want = level_of(env);
+    if (want >= 0 && want < level) level = want;
+  }
+  return level;
+}
+
+const KernelTable* table() {
+  int level = g_level.load();
+  if (level < 0) {
+    level = initial_level();
+    g_level.store(level);
+  }
+  return table_of(level);
+}
+
+int kind_code(c10::string_view kind, at::ScalarType dtype) {
+  if (kind == "int8") return kI8;
+  if (kind == "int4") return kI4;
+  TORCH_CHECK(kind == "float", "moe_ffn: kind must be float, int8 or int4, got ", std::string(kind));
+  switch (dtype) {
+    case at::kFloat: return kF32;
+    case at::kBFloat16: return kBF16;
+    case at::kHalf: return kF16;
+    default: TORCH_CHECK(false, "moe_ffn: page dtype must be float32, bfloat16 or float16");
+  }
+  return -1;
+}
+
+int scalar_code(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return kS32;
+    case at::kBFloat16: return kSBF16;
+    case at::kHalf: return kSF16;
+    default: TORCH_CHECK(false, "moe_ffn: dtype must be float32, bfloat16 or float16");
+  }
+  return -1;
+}
+
+// Byte offsets of the page sections; mirrors PageFormat.sections() in cuda_ext/pages.py.
+struct PageLayout {
+  int64_t w1 = 0, w2 = 0, s1 = -1, s2 = -1, b1 = -1, b2 = -1, bytes = 0;
+  int64_t w1_row = 0, w2_row = 0;  // bytes per weight row
+};
+
+PageLayout page_layout(int kind, int64_t es, int64_t H, int64_t I, int64_t g, bool has_bias) {
+  PageLayout p;
+  int64_t off = 0;
+  auto take = [&](int64_t n) { const int64_t at = off; off = align64(off + n); p.bytes = at + n; return at; };
+  if (kind == kI4) {
+    p.w1_row = H / 2; p.w2_row = I / 2;
+    p.w1 = take(2 * I * H / 2); p.w2 = take(H * I / 2);
+    p.s1 = take(2 * I * (H / g) * es); p.s2 = take(H * (I / g) * es);
+  } else if (kind == kI8) {
+    p.w1_row = H; p.w2_row = I;
+    p.w1 = take(2 * I * H); p.w2 = take(H * I);
+    p.s1 = take(2 * I * es); p.s2 = take(H * es);
+  } else {
+    p.w1_row = H * es; p.w2_row = I * es;
+    p.w1 = take(2 * I * H * es); p.w2 = take(H * I * es);
+  }
+  if (has_bias) { p.b1 = take(2 * I * es); p.b2 = take(H * es); }
+  p.bytes = align64(p.bytes);
+  return p;
+}
+
+// Rows [0, rows) of one matrix for a list of experts, split across threads by row tiles: every
+// thread reads its share of every expert, so top-k experts at one token keep all cores busy.
+void run_rows(const KernelTable* kt, std::vector<TileArgs>& jobs, int64_t rows) {
+  const int64_t tiles = (rows + kRowBlock - 1) / kRowBlock;
+  at::parallel_for(0, tiles, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t r0 = b0 * kRowBlock, r1 = std::min(rows, b1 * kRowBlock);
+    for (const TileArgs& a : jobs) kt->rows(a, r0, r1);
+  });
+}
+
+at::Tensor act_fn(const at::Tensor& gu, bool interleaved, c10::string_view act, double alpha, double limit) {
+  const int64_t I = gu.size(1) / 2;
+  at::Tensor gate = interleaved ? gu.slice(1, 0, 2 * I, 2) : gu.slice(1, 0, I);
+  at::Tensor up = interleaved ? gu.slice(1, 1, 2 * I, 2) : gu.slice(1, I, 2 * I);
+  if (act == "silu") return (at::silu(gate) * up).contiguous();
+  TORCH_CHECK(act == "swiglu_oai", "moe_ffn: act must be silu or swiglu_oai, got ", std::string(act));
+  gate = gate.clamp_max(limit);
+  up = up.clamp(-limit, limit);
+  return ((up + 1) * gate * at::sigmoid(gate * alpha)).contiguous();
+}
+
+at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& pages, const at::Tensor& rows, const at::Tensor& idx,
+                       const at::Tensor& weights, c10::string_view kind, at::ScalarType dtype, int64_t hidden,
+                       int64_t inter, bool transposed, bool interleaved, bool has_bias, int64_t group_size,
+                       c10::string_view act, double alpha, double limit) {
+  (void)transposed;  // pages store [out, in] rows whatever the module layout
+  const KernelTable* kt = table();
+  TORCH_CHECK(kt != nullptr, "moe_ffn: the native CPU kernels need AVX2 and FMA");
+  const int code = kind_code(kind, dtype);
+  const int sc = scalar_code(dtype);
+  const int64_t H = hidden, I = inter;
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == H, "moe_ffn: x must be [T, ", H, "], got ", x.sizes());
+  TORCH_CHECK(pages.dim() == 2 && pages.scalar_type() == at::kByte && pages.stride(1) == 1,
+              "moe_ffn: pages must be a uint8 [N, page_bytes] tensor with contiguous rows");
+  TORCH_CHECK(idx.dim() == 2 && idx.size(0) == x.size(0) && idx.scalar_type() == at::kLong,
+              "moe_ffn: idx must be int64 [T, K]");
+  TORCH_CHECK(weights.sizes() == idx.sizes(), "moe_ffn: weights must have idx's shape");
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong, "moe_ffn: rows must be int64 [U]");
+  if (code == kI4) TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && H % group_size == 0 && I % group_size == 0,
+                               "moe_ffn: bad group_size ", group_size);
+  const int64_t es = c10::elementSize(dtype);
+  const PageLayout L = page_layout(code, es, H, I, group_size, has_bias);
+  TORCH_CHECK(pages.size(1) >= L.bytes, "moe_ffn: pages rows hold ", pages.size(1), " bytes, the format needs ",
+              L.bytes);
+
+  const int64_t T = x.size(0), K = idx.size(1), U = rows.size(0);
+  const at::Tensor idx_c = idx.contiguous(), rows_c = rows.contiguous();
+  const at::Tensor w_c = weights.to(at::kFloat).contiguous();
+  const int64_t* ip = idx_c.data_ptr<int64_t>();
+  const int64_t* rp = rows_c.data_ptr<int64_t>();
+  const float* wp = w_c.data_ptr<float>();
+
+  // 1) group the (token, k) entries by expert; entries of one expert are contiguous
+  std::vector<int64_t> count(U, 0);
+  for (int64_t i = 0; i < T * K; ++i) {
+    const int64_t u = ip[i];
+    if (u < 0) continue;
+    TORCH_CHECK(u < U, "moe_ffn: idx value ", u, " is out of range for ", U, " rows");
+    ++count[u];
+  }
+  std::vector<int64_t> start(U + 1, 0);
+  for (int64_t u = 0; u < U; ++u) start[u + 1] = start[u] + count[u];
+  const int64_t N = start[U];
+  std::vector<int64_t> ent_tok(N);
+  std::vector<float> ent_w(N);
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t i = 0; i < T * K; ++i) {
+      const int64_t u = ip[i];
+      if (u < 0) continue;
+      ent_tok[fill[u]] = i / K;
+      ent_w[fill[u]++] = wp[i];
+    }
+  }
+  at::Tensor out = at::zeros({T, H}, x.options().dtype(at::kFloat));
+  if (N == 0) return out.to(x.scalar_type());
+
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor xg = at::empty({N, H}, xf.options());  // [N, H] tokens gathered per expert
+  {
+    const float* src = xf.data_ptr<float>();
+    float* dst = xg.data_ptr<float>();
+    for (int64_t e = 0; e < N; ++e) std::memcpy(dst + e * H, src + ent_tok[e] * H, H * sizeof(float));
+  }
+  const bool want_bf16 = kt->bf16_x && code == kBF16;
+  const at::Tensor xgb = want_bf16 ? xg.to(at::kBFloat16) : at::Tensor();
+
+  const uint8_t* base = pages.data_ptr<uint8_t>();
+  const int64_t page_stride = pages.stride(0);
+  std::vector<int64_t> active;
+  for (int64_t u = 0; u < U; ++u)
+    if (count[u] > 0) {
+      TORCH_CHECK(rp[u] >= 0 && rp[u] < pages.size(0), "moe_ffn: rows[", u, "] = ", rp[u], " is not a page");
+      active.push_back(u);
+    }
+
+  // 2) gate_up for every active expert: gu [N, 2I] = x_e @ W1^T + b1
+  at::Tensor gu = at::zeros({N, 2 * I}, xf.options());
+  std::vector<TileArgs> jobs;
+  for (int64_t u : active) {
+    const uint8_t* page = base + rp[u] * page_stride;
+    TileArgs a{};
+    a.w = page + L.w1; a.w_row_bytes = L.w1_row; a.kind = code; a.K = H; a.group = group_size;
+    a.scales = L.s1 >= 0 ? page + L.s1 : nullptr; a.sdtype = sc;
+    a.bias = has_bias ? page + L.b1 : nullptr;
+    a.x = xg.data_ptr<float>() + start[u] * H;
+    a.xb = want_bf16 ? reinterpret_cast<const uint16_t*>(xgb.data_ptr<at::BFloat16>()) + start[u] * H : nullptr;
+    a.n = count[u]; a.out_rows = nullptr; a.wt = nullptr;
+    a.out = gu.data_ptr<float>() + start[u] * 2 * I; a.ldo = 2 * I;
+    jobs.push_back(a);
+  }
+  run_rows(kt, jobs, 2 * I);
+
+  // 3) activation, then down: out[tok] += w * (h_e @ W2^T + b2)
+  const at::Tensor h = act_fn(gu, interleaved, act, alpha, limit);  // [N, I]
+  const at::Tensor hb = want_bf16 ? h.to(at::kBFloat16) : at::Tensor();
+  jobs.clear();
+  for (int64_t u : active) {
+    const uint8_t* page = base + rp[u] * page_stride;
+    TileArgs a{};
+    a.w = page + L.w2; a.w_row_bytes = L.w2_row; a.kind = code; a.K = I; a.group = group_size;
+    a.scales = L.s2 >= 0 ? page + L.s2 : nullptr; a.sdtype = sc;
+    a.bias = has_bias ? page + L.b2 : nullptr;
+    a.x = h.data_ptr<float>() + start[u] * I;
+    a.xb = want_bf16 ? reinterpret_cast<const uint16_t*>(hb.data_ptr<at::BFloat16>()) + start[u] * I : nullptr;
+    a.n = count[u]; a.out_rows = ent_tok.data() + start[u]; a.wt = ent_w.data() + start[u];
+    a.out = out.data_ptr<float>(); a.ldo = H;
+    jobs.push_back(a);
+  }
+  run_rows(kt, jobs, H);
+  return out.to(x.scalar_type());
+}
+
+at::Tensor linear_fallback(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  c10::optional<at::Tensor> b;
+  if (bias.has_value()) b = bias->to(w.scalar_type());
+  return at::linear(x.to(w.scalar_type()), w, b).to(x.scalar_type());
+}
+
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  const KernelTable* kt = table();
+  const auto wt = w.scalar_type();
+  const bool ok_dtype = wt == at::kFloat || wt == at::kBFloat16 || wt == at::kHalf;
+  // Large T is a GEMM: oneDNN/MKL blocking beats row dot products there.
+  if (kt == nullptr || x.dim() != 2 || w.dim() != 2 || !ok_dtype || x.size(0) > kLinearMaxTokens ||
+      x.size(1) != w.size(1) || !w.is_contiguous())
+    return linear_fallback(x, w, bias);
+  const int64_t T = x.size(0), IN = w.size(1), OUT = w.size(0);
+  const int code = wt == at::kFloat ? kF32 : wt == at::kBFloat16 ? kBF16 : kF16;
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const bool want_bf16 = kt->bf16_x && code == kBF16;
+  const at::Tensor xb = want_bf16 ? xf.to(at::kBFloat16) : at::Tensor();
+  const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor out = at::zeros({T, OUT}, xf.options());
+  TileArgs a{};
+  a.w = static_cast<const uint8_t*>(w.data_ptr()); a.w_row_bytes = IN * w.element_size();
+  a.kind = code; a.K = IN; a.sdtype = kS32;
+  a.bias = bias.has_value() ? bf.data_ptr<float>() : nullptr;
+  a.x = xf.data_ptr<float>();
+  a.xb = want_bf16 ? reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()) : nullptr;
+  a.n = T; a.out = out.data_ptr<float>(); a.ldo = OUT;
+  std::vector<TileArgs> jobs{a};
+  run_rows(kt, jobs, OUT);
+  return out.to(x.scalar_type());
+}
+
+std::string set_isa(c10::string_view name) {
+  const int want = level_of(std::string(name));
+  TORCH_CHECK(want >= 0, "set_isa: unknown ISA ", std::string(name), " (avx512bf16, avx512, avx2)");
+  const int have = detect_level();
+  TORCH_CHECK(want <= have, "set_isa: this CPU does not support ", std::string(name));
+  TORCH_CHECK(want >= 1, "set_isa: the native kernels need at least avx2");
+  g_level.store(want);
+  return table()->name;
+}
+
+std::string current_isa() {
+  const KernelTable* kt = table();
+  return kt ? kt->name : "none";
+}
+
+std::string detected_isa() {
+  const KernelTable* kt = table_of(detect_level());
+  return kt ? kt->name : "none";
+}
+
+}  // namespace
+}  // namespace moepager_cpu
+
+TORCH_LIBRARY_IMPL(moepager, CPU, m) {
+  m.impl("moe_ffn", &moepager_cpu::moe_ffn_cpu);
+  m.impl("linear", &moepager_cpu::linear_cpu);
+}
+
+TORCH_LIBRARY(moepager_cpu, m) {
+  m.def("set_isa(str name) -> str", &moepager_cpu::set_isa);
+  m.def("isa() -> str", &moepager_cpu::current_isa);
+  m.def("detected_isa() -> str", &moepager_cpu::detected_isa);
+}
