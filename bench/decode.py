@@ -5,11 +5,16 @@ layers, 64 experts, top-8, expert intermediate 1024, bf16; sharded safetensors w
 index), then runs each configuration in its own process so peak RSS is its own:
 
 - ``hf``: ``AutoModelForCausalLM.from_pretrained`` + greedy decode (the reference);
-- ``all``: moepager with every expert in a slot;
+- ``ref``: moepager with the plain-torch kernels (``MOEPAGER_NATIVE=0``), every expert resident;
+- ``all`` (alias ``bf16``): moepager with its native CPU kernels, every expert resident, pages in the
+  checkpoint's dtype;
+- ``int8`` / ``int4``: the same with quantized expert pages (``--expert-dtype``);
 - ``p25``: moepager with 25 % of experts in slots and an emulated 25 GB/s link;
 - ``load``: moepager load only (minimum slots): peak RSS against the checkpoint size.
 
-Prints a table and writes JSON (``--out``).
+Besides decode tokens/s it reports the bytes each token reads (routed experts actually used
+plus every dense weight but the embedding rows) and the effective read bandwidth, against
+the machine's read bandwidth measured in the same run. Prints a table and writes JSON (``--out``).
 
     python -m bench.decode --out bench/decode.json            # full size (needs ~20 GB RAM)
     python -m bench.decode --small --out /tmp/decode.json      # quick check

@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Self
 
 import torch
@@ -27,6 +28,7 @@ from engine.errors import BudgetError, MoepagerError
 from engine.generation import BatchGenerator, SamplingParams
 from engine.loader import load_model, resolve_device, resolve_model_path
 from engine.offload import ActiveStep
+from engine.page_cache import default_cache_dir
 
 _IMPL_NAME = "moepager"
 
@@ -91,7 +93,9 @@ class Engine:
             capacities.extend(plan_capacities(store.num_layers, store.num_experts, top_k, store.page_bytes,
                                               config.cache_scope, config.expert_slots, config.expert_cache_gb))
 
-        loaded = load_model(path, config.dtype, self.device, progress=config.progress, before_experts=check_budget)
+        cache_dir = Path(config.quant_cache_dir).expanduser() if config.quant_cache_dir else default_cache_dir()
+        loaded = load_model(path, config.dtype, self.device, progress=config.progress, before_experts=check_budget,
+                            expert_dtype=config.expert_dtype, group_size=config.int4_group_size, cache_dir=cache_dir)
         self.path = path
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
