@@ -34,7 +34,7 @@ class EngineConfig:
     route_from_trace: str | None = None  # benchmarks: replay routing from a trace (outputs meaningless)
     progress: bool = True
     expert_dtype: str = "auto"  # host page format: auto (the compute dtype) | bf16 | fp16 | fp32 | int8 | int4
-    int4_group_size: int = 128  # inputs per int4 scale
+    int4_group_size: int | None = None  # inputs per int4 scale; None: the largest of 128/64/32 that divides
     quant_cache_dir: str | None = None  # where quantized pages are cached; None: $MOEPAGER_CACHE_DIR or ~/.cache
 
     def __post_init__(self) -> None:
@@ -63,7 +63,7 @@ class EngineConfig:
         if self.expert_dtype not in EXPERT_DTYPES:
             raise MoepagerError(f"--expert-dtype: unknown page dtype {self.expert_dtype!r}; choose one of "
                                 f"{', '.join(EXPERT_DTYPES)}")
-        if self.int4_group_size < 1:
+        if self.int4_group_size is not None and self.int4_group_size < 1:
             raise MoepagerError(f"--int4-group-size must be a positive integer, got {self.int4_group_size}")
         if self.emulate_link_latency_us < 0:
             raise MoepagerError(f"--emulate-link-latency-us must be >= 0, got {self.emulate_link_latency_us}")

@@ -101,7 +101,7 @@ def load_tokenizer(path: Path):
 
 
 def load_model(path: Path, dtype_name: str, device: torch.device, progress: bool = True,
-               before_experts=None, expert_dtype: str = "auto", group_size: int = 128,
+               before_experts=None, expert_dtype: str = "auto", group_size: int | None = None,
                cache_dir: Path | None = None) -> LoadedModel:
     """``before_experts(store, top_k)`` runs once the store is sized, before any expert is read (budget checks).
 

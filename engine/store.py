@@ -28,14 +28,28 @@ from engine.safetensors_io import CheckpointReader
 _FLOAT_BY_NAME = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+INT4_GROUP_SIZES = (128, 64, 32)  # preferred first: fewer scales per weight
+
+
 def page_format(layout: ExpertLayout, compute_dtype: torch.dtype, expert_dtype: str = "auto",
-                group_size: int = 128) -> PageFormat:
-    """The page format for ``--expert-dtype``: 'auto' stores experts in the compute dtype."""
+                group_size: int | None = None) -> PageFormat:
+    """The page format for ``--expert-dtype``: 'auto' stores experts in the compute dtype.
+
+    int4 without a group size takes the largest of 128, 64, 32 that divides both the hidden and
+    the expert intermediate size.
+    """
     if expert_dtype not in EXPERT_DTYPES:
         raise MoepagerError(f"--expert-dtype: unknown page dtype {expert_dtype!r}; choose one of "
                             f"{', '.join(EXPERT_DTYPES)}")
     common = {"hidden": layout.hidden, "intermediate": layout.intermediate, "transposed": layout.is_transposed,
               "interleaved": not layout.is_concatenated, "has_bias": layout.has_bias}
+    if expert_dtype == "int4" and group_size is None:
+        group_size = next((g for g in INT4_GROUP_SIZES if layout.hidden % g == 0 and layout.intermediate % g == 0),
+                          None)
+        if group_size is None:
+            raise MoepagerError(f"--expert-dtype int4: no group size of {', '.join(map(str, INT4_GROUP_SIZES))} "
+                                f"divides hidden {layout.hidden} and expert intermediate {layout.intermediate}; "
+                                "use int8")
     if expert_dtype in ("int8", "int4"):
         try:
             return PageFormat(expert_dtype, compute_dtype, group_size=group_size if expert_dtype == "int4" else 0,
