@@ -5,11 +5,16 @@ layers, 64 experts, top-8, expert intermediate 1024, bf16; sharded safetensors w
 index), then runs each configuration in its own process so peak RSS is its own:
 
 - ``hf``: ``AutoModelForCausalLM.from_pretrained`` + greedy decode (the reference);
-- ``all``: moepager with every expert in a slot;
+- ``ref``: moepager with the plain-torch kernels (``MOEPAGER_NATIVE=0``), every expert resident;
+- ``all`` (alias ``bf16``): moepager with its native CPU kernels, every expert resident, pages in the
+  checkpoint's dtype;
+- ``int8`` / ``int4``: the same with quantized expert pages (``--expert-dtype``);
 - ``p25``: moepager with 25 % of experts in slots and an emulated 25 GB/s link;
 - ``load``: moepager load only (minimum slots): peak RSS against the checkpoint size.
 
-Prints a table and writes JSON (``--out``).
+Besides decode tokens/s it reports the bytes each token reads (routed experts actually used
+plus every dense weight but the embedding rows) and the effective read bandwidth, against
+the machine's read bandwidth measured in the same run. Prints a table and writes JSON (``--out``).
 
     python -m bench.decode --out bench/decode.json            # full size (needs ~20 GB RAM)
     python -m bench.decode --small --out /tmp/decode.json      # quick check
@@ -94,12 +99,31 @@ def build_checkpoint(out: Path, shape: dict, dtype: torch.dtype, shard_bytes: in
     return out
 
 
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """The machine's memory read bandwidth in GB/s: the best of a few full reads of a large buffer."""
+    buf = torch.ones(int(gib * 2**30 // 4), dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return buf.numel() * 4 / best / 1e9
+
+
+def expert_bytes_per_token(shape: dict, page_bytes: int) -> int:
+    """Routed-expert bytes one decode token reads: top_k pages in every MoE layer."""
+    return shape["num_experts_per_tok"] * shape["num_hidden_layers"] * page_bytes
+
+
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+CASE_EXPERT_DTYPE = {"ref": "auto", "all": "auto", "bf16": "auto", "int8": "int8", "int4": "int4"}
+
+
 def run_case(case: str, path: str, tokens: int, prompt_len: int, dtype: str) -> dict:
-    """One configuration, in this process."""
+    """One configuration, in this process (``ref`` runs with MOEPAGER_NATIVE=0, set by the parent)."""
     torch.manual_seed(0)
     prompt = torch.randint(10, 1000, (prompt_len,)).tolist()
     ckpt_bytes = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
@@ -119,16 +143,24 @@ def run_case(case: str, path: str, tokens: int, prompt_len: int, dtype: str) -> 
             out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
             total = time.perf_counter() - t0
         decode_tps = (tokens - 1) / max(total - prefill_s, 1e-9)
+        from engine.dense import dense_bytes
+
+        cfg = model.config
+        page = 3 * cfg.hidden_size * cfg.intermediate_size * model.dtype.itemsize
+        shape = {"num_experts_per_tok": cfg.num_experts_per_tok, "num_hidden_layers": cfg.num_hidden_layers}
+        nbytes = expert_bytes_per_token(shape, page) + dense_bytes(model) - sum(
+            p.numel() * p.element_size() for n, p in model.named_parameters() if "experts" in n)
         return {"case": case, "load_seconds": load_s, "decode_tokens_per_second": decode_tps,
+                    "bytes_per_token_read": nbytes,
                     "peak_rss_bytes": _peak_rss_bytes(), "checkpoint_bytes": ckpt_bytes,
                     "tokens": out.shape[1] - len(prompt)}
 
     from engine import Engine
     from engine.generation import SamplingParams
 
-    kwargs = {"device": "cpu", "dtype": dtype, "progress": False}
-    if case == "all":
-        pass
+    kwargs = {"device": "cpu", "dtype": dtype, "progress": False, "quant_cache_dir": f"{path}-page-cache"}
+    if case in CASE_EXPERT_DTYPE:
+        kwargs["expert_dtype"] = CASE_EXPERT_DTYPE[case]
     elif case == "p25":
         kwargs.update(expert_slots=None, emulate_link_gbps=25.0, emulate_link_latency_us=10.0)
     elif case == "load":
@@ -160,7 +192,13 @@ def run_case(case: str, path: str, tokens: int, prompt_len: int, dtype: str) -> 
     decode_tokens = len(stamps) - 1
     queries = after["queries"] - before["queries"]
     hits = after["hits"] - before["hits"]
+    from engine.dense import dense_bytes
+
+    cfg = eng.model.config
+    shape = {"num_experts_per_tok": cfg.num_experts_per_tok, "num_hidden_layers": eng.num_moe_layers}
     result.update(
+        bytes_per_token_read=expert_bytes_per_token(shape, eng.store.page_bytes) + dense_bytes(eng.model),
+        kernels=eng.kernels(),
         decode_tokens_per_second=decode_tokens / max(decode_s, 1e-9),
         hit_rate=hits / queries if queries else 0.0,
         decode_hit_rate=None,
@@ -173,6 +211,17 @@ def run_case(case: str, path: str, tokens: int, prompt_len: int, dtype: str) -> 
     return result
 
 
+def _cpu_description() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16") if f in flags]
+    return f"{name} ({' '.join(isa)})"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="a small model for a quick check")
@@ -180,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    ap.add_argument("--cases", default="load,hf,all,p25")
+    ap.add_argument("--cases", default="load,hf,ref,all,int8,int4,p25",
+                    help="comma-separated: load, hf, ref, all (alias bf16), int8, int4, p25")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run each case this many times, alternating, and keep the fastest (shared machines)")
     ap.add_argument("--out", default=None)
@@ -198,7 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "bench.decode", "--case", case, "--model-dir", str(model_dir),
                "--tokens", str(args.tokens), "--prompt-len", str(args.prompt_len), "--dtype", args.dtype]
         print(f"running {case} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if case == "ref":
+            env["MOEPAGER_NATIVE"] = "0"  # the plain-torch kernels: the engine before its native CPU path
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if proc.returncode != 0:
             print(proc.stderr[-2000:], file=sys.stderr)
             raise SystemExit(f"case {case} failed")
@@ -210,17 +263,26 @@ def main(argv: list[str] | None = None) -> int:
         best["runs"] = runs
         results[case] = best
     results = list(results.values())
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    bandwidth = read_bandwidth()
     hf = next((r for r in results if r["case"] == "hf"), None)
-    print(f"\n{'case':<6} {'load s':>8} {'peak RSS GB':>12} {'ckpt GB':>8} {'decode tok/s':>13} {'vs hf':>6} "
-          f"{'hit rate':>9} {'stall ms/tok':>13}")
+    print(f"\nread bandwidth measured in this run: {bandwidth:.1f} GB/s")
+    print(f"{'case':<6} {'load s':>8} {'peak RSS GB':>12} {'RSS/ckpt':>9} {'decode tok/s':>13} {'vs hf':>6} "
+          f"{'MB/token':>9} {'GB/s':>6} {'of bw':>6} {'hit rate':>9} {'stall ms/tok':>13}")
     for r in results:
         tps = r.get("decode_tokens_per_second")
         ratio = tps / hf["decode_tokens_per_second"] if hf and tps else None
+        nbytes = r.get("bytes_per_token_read")
+        gbs = nbytes * tps / 1e9 if nbytes and tps else None
+        r.update(vs_hf=ratio, effective_GBps=gbs, of_read_bandwidth=gbs / bandwidth if gbs else None,
+                 rss_over_checkpoint=r["peak_rss_bytes"] / r["checkpoint_bytes"])
         print(f"{r['case']:<6} {r['load_seconds']:>8.1f} {r['peak_rss_bytes'] / 1e9:>12.2f} "
-              f"{r['checkpoint_bytes'] / 1e9:>8.2f} {tps if tps else float('nan'):>13.2f} "
-              f"{ratio if ratio else float('nan'):>6.2f} {r.get('hit_rate', float('nan')):>9.3f} "
+              f"{r['rss_over_checkpoint']:>9.2f} {tps if tps else float('nan'):>13.2f} "
+              f"{ratio if ratio else float('nan'):>6.2f} {nbytes / 1e6 if nbytes else float('nan'):>9.1f} "
+              f"{gbs if gbs else float('nan'):>6.1f} {gbs / bandwidth if gbs else float('nan'):>6.2f} "
+              f"{r.get('hit_rate', float('nan')):>9.3f} "
               f"{r.get('stall_seconds_per_token', float('nan')) * 1e3:>13.2f}")
-    report = {"shape": SHAPES[shape_name], "dtype": args.dtype, "tokens": args.tokens, "prompt_len": args.prompt_len,
+    report = {"read_bandwidth_GBps": bandwidth, "cpu": _cpu_description(),"shape": SHAPES[shape_name], "dtype": args.dtype, "tokens": args.tokens, "prompt_len": args.prompt_len,
                   "results": results, "machine": os.uname().nodename, "cpus": os.cpu_count(),
                   "date": time.strftime("%Y-%m-%d"), "command": "python -m bench.decode " + " ".join(sys.argv[1:])}
     if args.out:

@@ -23,6 +23,7 @@ from engine.arch import router_of
 from engine.config import EngineConfig
 from engine.cost import calibrate
 from engine.errors import BudgetError, MoepagerError
+from engine.host_compute import host_compute_for
 from engine.offload import KeepRouting, NoRecorder, OffloadRuntime, PageTable, TorchExpertCompute
 from engine.routing import CacheAwareRouting, TraceReplayRouting
 from engine.transfer import CudaLink, ThreadLink, TorchCuda
@@ -56,7 +57,7 @@ def build_policy(name: str, shape: ModelShape):
 
 def _slot_memory(store, num_slots: int, device: torch.device) -> torch.Tensor:
     try:
-        return torch.empty((num_slots, store.page_elems), dtype=store.dtype, device=device)
+        return torch.empty((num_slots, store.page_bytes), dtype=torch.uint8, device=device)
     except torch.OutOfMemoryError:
         raise BudgetError(
             f"{num_slots} expert slots ({num_slots * store.page_bytes / 1e9:.2f} GB) do not fit on {device} next "
@@ -131,7 +132,11 @@ def build_runtime(config: EngineConfig, loaded, device: torch.device, capacities
         recorder = TraceRecorder(config.record_trace, meta)
 
     step = LayerStep(cache, link, counters, store.page_bytes, prefetching, host)
-    runtime = OffloadRuntime(step, slot_table, host_table, TorchExpertCompute(), routing, recorder, link)
+    experts_module = loaded.moe_blocks[0][2]
+    host_compute = host_compute_for(store, experts_module, progress=config.progress)
+    slot_compute = host_compute if slot_table.pages.device.type == "cpu" else TorchExpertCompute()
+    runtime = OffloadRuntime(step, slot_table, host_table, slot_compute, host_compute, routing, recorder, link,
+                             copy_ahead=hybrid is not None and device.type != "cpu")
     if cache.num_slots >= shape.num_layers * shape.num_experts:
         _warm_all_slots(cache, link, shape, counters, store.page_bytes)
     return RuntimeParts(shape, cache, link, runtime, recorder, hybrid, zero_copy)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from engine.errors import MoepagerError
 
 DTYPES = ("float32", "bfloat16", "float16")
+EXPERT_DTYPES = ("auto", "bf16", "fp16", "fp32", "int8", "int4")
 DEVICES = ("auto", "cpu", "cuda")
 SCOPES = ("layer", "global")
 
@@ -32,6 +33,9 @@ class EngineConfig:
     cpu_compute: str = "never"  # never | auto | always: run missed experts on the host (hybrid execution)
     route_from_trace: str | None = None  # benchmarks: replay routing from a trace (outputs meaningless)
     progress: bool = True
+    expert_dtype: str = "auto"  # host page format: auto (the compute dtype) | bf16 | fp16 | fp32 | int8 | int4
+    int4_group_size: int | None = None  # inputs per int4 scale; None: the largest of 128/64/32 that divides
+    quant_cache_dir: str | None = None  # where quantized pages are cached; None: $MOEPAGER_CACHE_DIR or ~/.cache
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -56,5 +60,10 @@ class EngineConfig:
             raise MoepagerError(f"--emulate-link-gbps must be positive, got {self.emulate_link_gbps}")
         if self.cpu_compute not in ("never", "auto", "always"):
             raise MoepagerError(f"--cpu-compute must be one of never, auto, always, got {self.cpu_compute!r}")
+        if self.expert_dtype not in EXPERT_DTYPES:
+            raise MoepagerError(f"--expert-dtype: unknown page dtype {self.expert_dtype!r}; choose one of "
+                                f"{', '.join(EXPERT_DTYPES)}")
+        if self.int4_group_size is not None and self.int4_group_size < 1:
+            raise MoepagerError(f"--int4-group-size must be a positive integer, got {self.int4_group_size}")
         if self.emulate_link_latency_us < 0:
             raise MoepagerError(f"--emulate-link-latency-us must be >= 0, got {self.emulate_link_latency_us}")

@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from cuda_ext import expert_ffn
+from engine.host_compute import host_compute_for
+from engine.offload import LayerOutput, PageTable, Routing
 
 MODES = ("never", "auto", "always")
 
@@ -60,16 +61,19 @@ def calibrate(mode: str, store, device: torch.device, module: torch.nn.Module, z
     """Measure one page copy and the host expert kernel; returns the model for ``mode``."""
     page = store.page(0, 0)
     lay = store.layout
-    parts = {name: store.part(page, name) for name, _, _ in store.offsets}
+    table = PageTable(store, store.pages, by_slot=False)
+    compute = host_compute_for(store, module, progress=False)
 
     def host_time(tokens: int) -> float:
+        # The host kernel that will serve misses, on one expert's page, as the hot path calls it.
         x = torch.randn(tokens, lay.hidden, dtype=store.dtype)
+        idx = torch.zeros((tokens, 1), dtype=torch.int64)
+        routing = Routing(idx, idx, torch.ones((tokens, 1)), [0], [tokens])
         best = float("inf")
         for _ in range(repeats):
+            out = LayerOutput(tokens, 1, lay.hidden, torch.float32, x.device)
             t0 = time.perf_counter()
-            expert_ffn(module, x, parts["gate_up_proj"], parts["down_proj"],
-                       parts.get("gate_up_proj_bias") if lay.has_bias else None,
-                       parts.get("down_proj_bias") if lay.has_bias else None, lay.is_transposed)
+            compute(module, x, routing, table, [0], [0], out)
             best = min(best, time.perf_counter() - t0)
         return best
 

@@ -13,21 +13,25 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Self
 
 import torch
 from transformers.integrations.moe import ExpertsInterface
 
 from cache.base import is_offline_only
-from cuda_ext import select_expert_ffn
+from cuda_ext import cpu_kernel_status, native_cpu, native_status, select_expert_ffn
 from engine.build import LinkFactory, build_policy, build_runtime
 from engine.config import EngineConfig
+from engine.dense import use_native_dense
 from engine.errors import BudgetError, MoepagerError
 from engine.generation import BatchGenerator, SamplingParams
 from engine.loader import load_model, resolve_device, resolve_model_path
 from engine.offload import ActiveStep
+from engine.page_cache import default_cache_dir
 
 _IMPL_NAME = "moepager"
 
@@ -90,7 +94,9 @@ class Engine:
             capacities.extend(plan_capacities(store.num_layers, store.num_experts, top_k, store.page_bytes,
                                               config.cache_scope, config.expert_slots, config.expert_cache_gb))
 
-        loaded = load_model(path, config.dtype, self.device, progress=config.progress, before_experts=check_budget)
+        cache_dir = Path(config.quant_cache_dir).expanduser() if config.quant_cache_dir else default_cache_dir()
+        loaded = load_model(path, config.dtype, self.device, progress=config.progress, before_experts=check_budget,
+                            expert_dtype=config.expert_dtype, group_size=config.int4_group_size, cache_dir=cache_dir)
         self.path = path
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -119,8 +125,26 @@ class Engine:
             experts._moepager_ffn = select_expert_ffn(experts, self.device)  # chosen once, never per call
         self.blocks = [block for _, block, _ in loaded.moe_blocks]
         self.model.set_experts_implementation(_IMPL_NAME)
+        # The dense path on the CPU takes the native linear kernel too (built once, just above).
+        self.native_dense = use_native_dense(self.model) if self.device.type == "cpu" and native_cpu.available() else 0
+        if config.progress:
+            k = self.kernels()
+            print(f"moepager: expert pages {k['expert_pages']}, experts computed by {k['expert_compute']}, "
+                  f"CPU kernels {k['moe_ffn']} (CPU ISA {k['cpu_isa']}), {self.native_dense} dense layers native",
+                  file=sys.stderr, flush=True)
         self._seq_ids = itertools.count()  # sequence ids unique over the engine's life (traces need it)
         self.last_tokens_per_second = 0.0
+
+    def kernels(self) -> dict:
+        """Which implementation serves each op, for /version and the start-up log."""
+        fmt = self.store.fmt
+        pages = fmt.kind if fmt.kind != "float" else str(fmt.dtype).removeprefix("torch.")
+        if fmt.kind == "int4":
+            pages += f" (group {fmt.group_size})"
+        return {**cpu_kernel_status(), "expert_pages": pages,
+                "expert_compute": type(self.runtime.compute).__name__,
+                "host_expert_compute": type(self.runtime.host_compute).__name__,
+                "dense_native_layers": self.native_dense, "cuda_expert_ffn": native_status()}
 
     @classmethod
     def from_config(cls, config: EngineConfig, **kwargs) -> Engine:

@@ -27,7 +27,7 @@ from engine.arch import (
 )
 from engine.errors import ModelLoadError, MoepagerError
 from engine.safetensors_io import CheckpointReader
-from engine.store import HostExpertStore, print_progress
+from engine.store import HostExpertStore, page_format, print_progress
 
 DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXPERT_PARAMS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
@@ -101,8 +101,13 @@ def load_tokenizer(path: Path):
 
 
 def load_model(path: Path, dtype_name: str, device: torch.device, progress: bool = True,
-               before_experts=None) -> LoadedModel:
-    """``before_experts(store, top_k)`` runs once the store is sized, before any expert is read (budget checks)."""
+               before_experts=None, expert_dtype: str = "auto", group_size: int | None = None,
+               cache_dir: Path | None = None) -> LoadedModel:
+    """``before_experts(store, top_k)`` runs once the store is sized, before any expert is read (budget checks).
+
+    ``expert_dtype`` / ``group_size`` choose the host page format (``engine.store.page_format``);
+    quantized pages are cached in ``cache_dir``.
+    """
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -151,10 +156,12 @@ def load_model(path: Path, dtype_name: str, device: torch.device, progress: bool
                   f"(first: {ignored[0]})", file=sys.stderr)
         model.to(device)
 
-        store = HostExpertStore(layout, len(blocks), num_experts, dtype, pin=device.type == "cuda")
+        fmt = page_format(layout, dtype, expert_dtype, group_size)
+        store = HostExpertStore(layout, len(blocks), num_experts, fmt, dtype, pin=device.type == "cuda")
         if before_experts is not None:
             before_experts(store, top_k_of(config))
-        store.load(reader, refs, [layer for layer, _, _ in blocks], print_progress() if progress else None)
+        store.load(reader, refs, [layer for layer, _, _ in blocks], print_progress() if progress else None,
+                   cache_dir=cache_dir)
         checkpoint_bytes = reader.nbytes()
     finally:
         reader.close()

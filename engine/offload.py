@@ -22,8 +22,8 @@ from cuda_ext import expert_ffn
 
 EngineCounters = StepCounters  # the name the server and benchmarks know
 
-__all__ = ["DECODE", "PREFILL", "ActiveStep", "EngineCounters", "OffloadRuntime", "PageTable", "Routing",
-           "TorchExpertCompute"]
+__all__ = ["DECODE", "PREFILL", "ActiveStep", "EngineCounters", "LayerOutput", "OffloadRuntime", "PageTable",
+           "Routing", "TorchExpertCompute"]
 
 
 def routing_to_host(top_k_index: torch.Tensor) -> torch.Tensor:
@@ -40,20 +40,19 @@ class ActiveStep:
 
 
 class PageTable:
-    """Rows of expert pages viewed as the experts' tensors: the device slot pool, or the host store.
+    """Rows of expert pages: the device slot pool, or the host store; ``expert(row)`` views one as tensors.
 
-    ``row(layer, expert, slot)`` is where a wave's expert is read: its slot in the pool, or, when
-    the table is the host store (CPU zero copy, host-computed misses), the expert's own page.
+    ``rows(wave)`` is where a wave's experts are read: their slots in the pool, or, when the table
+    is the host store (CPU zero copy, host-computed misses), the experts' own pages. Float pages in
+    the compute dtype are viewed in place; quantized pages are dequantized per expert on their device.
     """
 
     def __init__(self, store, pages: torch.Tensor, by_slot: bool) -> None:
-        lay = store.layout
-        self.pages = pages  # [N, page_elems]
-        self.gate_up = store.part(pages, "gate_up_proj")  # [N, ...]
-        self.down = store.part(pages, "down_proj")  # [N, ...]
-        self.gate_up_bias = store.part(pages, "gate_up_proj_bias") if lay.has_bias else None
-        self.down_bias = store.part(pages, "down_proj_bias") if lay.has_bias else None
-        self.transposed = lay.is_transposed
+        self.pages = pages  # uint8 [N, page_bytes]
+        self.fmt = store.fmt
+        self.dtype = store.dtype
+        self.views = store.float_views(pages)  # (gate_up [N, ...], down [N, ...], biases) or None
+        self.transposed = store.layout.is_transposed
         self.by_slot = by_slot
         self.num_experts = store.num_experts
 
@@ -62,6 +61,14 @@ class PageTable:
             return wave.slots
         base = wave.layer * self.num_experts
         return [base + e for e in wave.experts]
+
+    def expert(self, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(gate_up, down, gate_up_bias, down_bias) of the page in ``row``, module layout, compute dtype."""
+        views = self.views
+        if views is None:
+            return self.fmt.unpack(self.pages[row], self.dtype)
+        gate_up, down, b1, b2 = views
+        return gate_up[row], down[row], None if b1 is None else b1[row], None if b2 is None else b2[row]
 
 
 class Routing:
@@ -72,16 +79,21 @@ class Routing:
     device copy of ``order`` needs no sync.
     """
 
-    __slots__ = ("K", "_order_dev", "idx", "order", "span", "weights")
+    __slots__ = ("K", "_host", "_order_dev", "experts", "idx", "idx_host", "order", "span", "top_k_weights",
+                 "weights")
 
     def __init__(self, idx_host: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, experts: list[int],
                  counts: list[int]) -> None:
         self.K = idx_host.shape[1]
         self.idx = idx  # [T, K] device
+        self.idx_host = idx_host  # [T, K] host
+        self.top_k_weights = weights  # [T, K] device
         self.weights = weights.reshape(-1)  # [T*K] device
+        self.experts = experts
         order = torch.argsort(idx_host.reshape(-1), stable=True)  # [T*K] host
         self.order = order.tolist()
         self._order_dev = order if idx.device.type == "cpu" else None
+        self._host = None
         span, start = {}, 0
         for e, n in zip(experts, counts):
             span[e] = (start, n)
@@ -94,20 +106,55 @@ class Routing:
             self._order_dev = torch.argsort(self.idx.reshape(-1), stable=True)
         return self._order_dev[start : start + n]
 
+    def on_host(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden [T, H], routing weights [T, K] fp32) on the host, copied once per layer."""
+        if self._host is None:
+            self._host = (hidden.to("cpu"), self.top_k_weights.to("cpu", torch.float32))
+        return self._host
 
-class TorchExpertCompute:
-    """The reference strategy: one expert at a time, gathered tokens, the module's expert FFN.
 
-    A per-layer op (``moe_ffn`` over page rows and a ``[T, K]`` row index) plugs in as another
-    strategy with the same call.
+class LayerOutput:
+    """The layer's routed-expert output, filled by one or more waves.
+
+    Per-expert strategies write weighted rows into ``per_position`` ``[T*K, H]`` (summed over K at
+    the end, as transformers does); per-layer ops add their ``[T, H]`` sums.
     """
 
+    __slots__ = ("K", "T", "device", "dtype", "hidden", "per_position", "summed")
+
+    def __init__(self, T: int, K: int, hidden: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.T, self.K, self.hidden, self.dtype, self.device = T, K, hidden, dtype, device
+        self.per_position: torch.Tensor | None = None
+        self.summed: torch.Tensor | None = None
+
+    def positions(self) -> torch.Tensor:
+        if self.per_position is None:
+            self.per_position = torch.zeros((self.T * self.K, self.hidden), dtype=self.dtype, device=self.device)
+        return self.per_position  # [T*K, H]
+
+    def add(self, y: torch.Tensor) -> None:
+        y = y.to(self.device)  # [T, H]
+        self.summed = y if self.summed is None else self.summed.float() + y
+
+    def result(self, dtype: torch.dtype) -> torch.Tensor:
+        out = self.summed
+        if self.per_position is not None:
+            per = self.per_position.view(self.T, self.K, -1).sum(dim=1)  # [T, H]
+            out = per if out is None else per + out
+        if out is None:
+            out = torch.zeros((self.T, self.hidden), dtype=dtype, device=self.device)
+        return out.to(dtype)
+
+
+class TorchExpertCompute:
+    """The reference strategy: one expert at a time, gathered tokens, the module's expert FFN."""
+
     def __call__(self, module, hidden: torch.Tensor, routing: Routing, table: PageTable, experts: list[int],
-                 rows: list[int], out: torch.Tensor) -> None:
+                 rows: list[int], out: LayerOutput) -> None:
         K, order, span, w = routing.K, routing.order, routing.span, routing.weights
         to_host = table.pages.device != hidden.device  # host-computed misses on a GPU machine
         ffn = expert_ffn if to_host else module._moepager_ffn
-        gate_up, down, gate_up_bias, down_bias = table.gate_up, table.down, table.gate_up_bias, table.down_bias
+        per_position = out.positions()
         for expert, row in zip(experts, rows):
             start, n = span[expert]
             if n == 1:  # one token (batch-1 decode): no gather, no index tensors
@@ -118,14 +165,14 @@ class TorchExpertCompute:
                 x = hidden[pos // K]  # [n, H]
             if to_host:
                 x = x.to("cpu")  # sync: hybrid execution computes on the host, by choice of the cost model
-            y = ffn(module, x, gate_up[row], down[row], gate_up_bias[row] if gate_up_bias is not None else None,
-                    down_bias[row] if down_bias is not None else None, table.transposed)  # [n, H]
+            gate_up, down, gate_up_bias, down_bias = table.expert(row)
+            y = ffn(module, x, gate_up, down, gate_up_bias, down_bias, table.transposed)  # [n, H]
             if to_host:
                 y = y.to(hidden.device)
             if n == 1:
-                out[pos] = y[0] * w[pos]
+                per_position[pos] = y[0] * w[pos]
             else:
-                out[pos] = y * w[pos].unsqueeze(-1)
+                per_position[pos] = y * w[pos].unsqueeze(-1)
 
 
 class KeepRouting:
@@ -152,11 +199,25 @@ class NoRecorder:
         return None
 
 
+def _copy_to_host(hidden: torch.Tensor, routing: Routing) -> None:
+    routing.on_host(hidden)  # sync: the host computes misses concurrently with the device's waves
+
+
+def _no_copy(hidden: torch.Tensor, routing: Routing) -> None:
+    return None
+
+
 class OffloadRuntime:
     """Everything the experts function needs, assembled once (``engine.build.build_runtime``)."""
 
-    def __init__(self, step: LayerStep, slot_table: PageTable, host_table: PageTable, compute, routing,
-                 recorder, link) -> None:
+    def __init__(self, step: LayerStep, slot_table: PageTable, host_table: PageTable, compute, host_compute,
+                 routing, recorder, link, copy_ahead: bool = False) -> None:
+        """``compute`` runs waves read from ``slot_table``, ``host_compute`` the host-computed misses.
+
+        ``copy_ahead``: misses may run on the host of a GPU machine; the layer's input then goes to
+        the host right after the routing sync, before the device waves are queued, so the host
+        computes its share while the device computes the rest.
+        """
         self.step = step
         self.cache = step.cache
         self.counters: StepCounters = step.counters
@@ -164,6 +225,8 @@ class OffloadRuntime:
         self.slot_table = slot_table
         self.host_table = host_table
         self.compute = compute
+        self.host_compute = host_compute
+        self.early_host_copy = _copy_to_host if copy_ahead else _no_copy
         self.routing = routing
         self.recorder = recorder
         self.link = link
@@ -196,13 +259,17 @@ class OffloadRuntime:
         experts, counts = unique_t.tolist(), counts_t.tolist()  # [U], [U]
         T, K = idx_host.shape
         routing = Routing(idx_host, top_k_index, top_k_weights, experts, counts)
-        out = torch.zeros((T * K, hidden.shape[-1]), dtype=torch.promote_types(hidden.dtype, top_k_weights.dtype),
-                          device=hidden.device)  # [T*K, H]
+        out = LayerOutput(T, K, hidden.shape[-1], torch.promote_types(hidden.dtype, top_k_weights.dtype),
+                          hidden.device)
+        self.early_host_copy(hidden, routing)
         for wave in self.step.run(layer, experts, counts, phase, hidden, idx_host):
-            table = self.host_table if wave.on_host else self.slot_table
-            self.compute(module, hidden, routing, table, wave.experts, table.rows(wave), out)
+            if wave.on_host:
+                self.host_compute(module, hidden, routing, self.host_table, wave.experts,
+                                  self.host_table.rows(wave), out)
+            else:
+                self.compute(module, hidden, routing, self.slot_table, wave.experts, self.slot_table.rows(wave), out)
         self.recorder.record(layer, top_k_index, top_k_weights, hidden)
-        return out.view(T, K, -1).sum(dim=1).to(hidden.dtype)  # [T, H]
+        return out.result(hidden.dtype)  # [T, H]
 
     def drain(self) -> None:
         """Wait for every copy in flight (used before swapping policies and at shutdown)."""

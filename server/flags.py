@@ -6,7 +6,7 @@ import argparse
 import math
 
 from cache.base import policy_names
-from engine.config import DEVICES, DTYPES, SCOPES, EngineConfig
+from engine.config import DEVICES, DTYPES, EXPERT_DTYPES, SCOPES, EngineConfig
 from prefetch.base import predictor_names
 
 
@@ -79,6 +79,14 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     add_device_flags(p)
     add_cache_flags(p)
     add_prefetch_flags(p)
+    p.add_argument("--expert-dtype", default="auto", choices=EXPERT_DTYPES,
+                   help="host page format of routed experts: auto (the compute dtype), bf16, fp16, fp32, or int8 / "
+                        "int4 quantized once at load and cached on disk")
+    p.add_argument("--int4-group-size", type=_positive_int, default=None,
+                   help="inputs per int4 scale (default: the largest of 128, 64, 32 that divides the expert shapes)")
+    p.add_argument("--quant-cache-dir", default=None,
+                   help="where quantized pages are cached (default: $MOEPAGER_CACHE_DIR/pages or "
+                        "~/.cache/moepager/pages; never the model folder)")
     p.add_argument("--cache-aware-routing", type=_non_negative_float, default=None, metavar="DELTA",
                    help="substitute a resident expert whose router score is within DELTA (relative); changes outputs")
     p.add_argument("--cpu-compute", default="never", choices=("never", "auto", "always"),
@@ -109,6 +117,9 @@ def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConf
         "emulate_link_gbps": args.emulate_link_gbps,
         "emulate_link_latency_us": args.emulate_link_latency_us,
         "cpu_compute": getattr(args, "cpu_compute", "never"),
+        "expert_dtype": args.expert_dtype,
+        "int4_group_size": args.int4_group_size,
+        "quant_cache_dir": args.quant_cache_dir,
     }
     fields.update(overrides)
     return EngineConfig(**fields)

@@ -71,3 +71,18 @@ def test_generate_json_is_last_line(tiny_model_dir):
     for key in ("hits", "misses", "hit_rate", "bytes_transferred", "stall_seconds", "tokens_per_second"):
         assert key in result["stats"]
     assert result["stats"]["hits"] + result["stats"]["misses"] > 0
+
+
+def test_unknown_expert_dtype():
+    rc, _, err = _run("--expert-dtype", "int3", "--prompt-ids", "1,2")
+    _assert_one_line_error(rc, err, "--expert-dtype", "int3")
+
+
+def test_int4_group_size_that_does_not_divide(tmp_path):
+    # The embedded model: hidden 256, expert intermediate 96; 48 is no multiple of 32 and 128 does not divide 96.
+    rc, _, err = _run("--expert-dtype", "int4", "--int4-group-size", "48", "--quant-cache-dir", str(tmp_path),
+                      "--prompt-ids", "1,2")
+    _assert_one_line_error(rc, err, "--int4-group-size", "48")
+    rc, _, err = _run("--expert-dtype", "int4", "--int4-group-size", "128", "--quant-cache-dir", str(tmp_path),
+                      "--prompt-ids", "1,2")
+    _assert_one_line_error(rc, err, "--int4-group-size", "128", "intermediate 96")
