@@ -37,7 +37,9 @@ def test_prefetch_never_changes_outputs(tiny_model_dir, predictor):
     tokens, logits, stats = _run(path, expert_slots=8, prefetch=predictor, prefetch_lookahead=2,
                                  emulate_link_gbps=5.0)
     assert tokens == base_tokens
-    torch.testing.assert_close(logits, base_logits, atol=0, rtol=0)
+    # Prefetched copies pin slots, so a step may split into other waves than without prefetching; the
+    # native kernel sums each wave's experts in fp32, so only the order of those sums may differ.
+    torch.testing.assert_close(logits, base_logits, atol=1e-5, rtol=0)
     p = stats["prefetch"]
     assert p["issued"] > 0, "nothing was prefetched: the outputs were compared without prefetching"
     assert p["useful"] + p["wasted"] + p["late"] <= p["issued"]
