@@ -66,9 +66,13 @@ def _short(exc: BaseException, limit: int = 4000) -> str:
 
 
 def _cached() -> bool:
-    from torch.utils.cpp_extension import _get_build_directory
+    """Whether a compiled library is already on disk (then no progress line is printed)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
 
-    return (Path(_get_build_directory(EXTENSION_NAME, verbose=False)) / f"{EXTENSION_NAME}.so").exists()
+        return (Path(_get_build_directory(EXTENSION_NAME, verbose=False)) / f"{EXTENSION_NAME}.so").exists()
+    except Exception:  # noqa: BLE001 - a private helper of torch; without it, announce the build
+        return False
 
 
 def build(progress: Callable[[str], None] | None = None, verbose: bool = False) -> bool:
