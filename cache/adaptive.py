@@ -9,9 +9,11 @@ round-1 default lost on real routing. So this policy learns online, per scope
 
 - It keeps a *shadow cache* per candidate (LRU; LFU; LFU with a decay of a
   128-tick half-life; LFRU), each the size of the real scope: key sets only, no
-  bytes. Every access updates all of them, in the same order and with the same
-  protection of the step's experts as the real cache, so each shadow's hits are
-  exactly the hits that candidate would have had from here on.
+  bytes. When a step of the scope is complete, each shadow replays it as the
+  cache would for that candidate alone (its hits first, then its misses, in
+  waves when the step is wider than the scope, the step's experts protected), so
+  a shadow's hits are exactly that candidate's hits. Replaying in the real
+  cache's order instead would favour whichever candidate the cache follows.
 - Each shadow earns a score on every access where the shadows disagree (some
   hit, some miss), decayed so that the last few hundred disagreements count.
   This is the regret signal of LeCaR and CACHEUS, measured directly rather than
@@ -25,7 +27,8 @@ round-1 default lost on real routing. So this policy learns online, per scope
   tie does not make the cache churn.
 
 Cost per access: four heap pushes (O(log n)) and a handful of float updates;
-victims come from a set that is almost always one key long. The capacity of a
+victims come from a set that is almost always one key long, else from the
+leader's heap. The capacity of a
 scope is learned at its first eviction (the number of resident keys then), and
 a first eviction that sees keys of several layers switches to one shared scope.
 """
@@ -59,6 +62,23 @@ class _Shadow:
             self.heap = [(r, k) for k, r in self.members.items()]
             heapq.heapify(self.heap)
 
+    def peek(self, ok) -> ExpertKey | None:
+        """The lowest-ranked member for which ``ok(key)`` holds, left in place (None if no member)."""
+        heap, members = self.heap, self.members
+        popped = []
+        found = None
+        while heap:
+            entry = heapq.heappop(heap)
+            if members.get(entry[1]) != entry[0]:
+                continue  # stale: dropped for good
+            popped.append(entry)
+            if ok(entry[1]):
+                found = entry[1]
+                break
+        for entry in popped:
+            heapq.heappush(heap, entry)
+        return found
+
     def pop_victim(self, protected: AbstractSet[ExpertKey]) -> ExpertKey:
         """Remove and return the lowest-ranked unprotected member (the lowest protected one if all are)."""
         heap, members = self.heap, self.members
@@ -83,7 +103,7 @@ class _Shadow:
 
 
 class _Scope:
-    __slots__ = ("capacity", "leader", "outside", "real", "score", "shadows", "step", "step_keys")
+    __slots__ = ("capacity", "leader", "now", "outside", "pending", "real", "score", "shadows", "step")
 
     def __init__(self, leader: int) -> None:
         self.capacity: int | None = None  # learned at the first eviction
@@ -93,7 +113,8 @@ class _Scope:
         self.real: set[ExpertKey] = set()  # keys resident in the real cache
         self.outside: set[ExpertKey] = set()  # real keys the leader's shadow does not hold
         self.step = -1
-        self.step_keys: set[ExpertKey] = set()
+        self.pending: list[tuple[ExpertKey, tuple]] = []  # the step in progress: (key, its ranks)
+        self.now: set[ExpertKey] = set()  # the keys of ``pending``
 
     def follow(self, leader: int) -> None:
         self.leader = leader
@@ -143,8 +164,8 @@ class AdaptivePolicy:
         """Merge the per-layer scopes into one (exact: nothing was evicted before the first eviction)."""
         shared = _Scope(self._start)
         for scope in self._scopes.values():
-            if scope.step > shared.step:  # the step in progress keeps its protection
-                shared.step, shared.step_keys = scope.step, set(scope.step_keys)
+            if scope.step > shared.step:  # the step in progress is replayed when it completes
+                shared.step, shared.pending, shared.now = scope.step, list(scope.pending), set(scope.now)
             shared.real |= scope.real
             for mine, theirs in zip(shared.shadows, scope.shadows):
                 mine.members.update(theirs.members)
@@ -178,38 +199,66 @@ class AdaptivePolicy:
     def on_access(self, key: ExpertKey, hit: bool, step: int) -> None:
         ranks = self._ranks(key, self._clock.advance(key.layer, step))
         scope = self._scope(key)
+        if scope.step != step:
+            self._replay(scope)
+            scope.step = step
+        scope.pending.append((key, ranks))
+        scope.now.add(key)
+
+    def _replay(self, scope: _Scope) -> None:
+        """The completed step, through every shadow as the cache would run it; then score and follow."""
+        pending = scope.pending
+        if not pending:
+            return
+        scope.pending = []
+        scope.now = set()
         cap = scope.capacity
-        if scope.step != step or (cap is not None and len(scope.step_keys) >= cap):
-            scope.step = step  # a step wider than the scope runs in waves of ``cap``, as in the cache
-            scope.step_keys = set()
-        scope.step_keys.add(key)
         leader = scope.leader
-        hits = 0
-        got = [False] * len(CANDIDATES)
+        n = len(CANDIDATES)
+        got = [[False] * n for _ in pending]
+        touched = set()
         for i, shadow in enumerate(scope.shadows):
-            if key in shadow.members:
-                got[i] = True
-                hits += 1
-            shadow.touch(key, ranks[i])
-            if cap is not None and len(shadow.members) > cap:
-                gone = shadow.pop_victim(scope.step_keys)
-                if i == leader and gone in scope.real:
-                    scope.outside.add(gone)
-        scope.outside.discard(key)
-        if 0 < hits < len(CANDIDATES):  # the candidates disagree: that is what tells them apart
-            keep = self._keep
-            score = scope.score
-            for i in range(len(score)):
-                score[i] = score[i] * keep + (1.0 if got[i] else 0.0)
-            best = max(range(len(score)), key=score.__getitem__)
-            if best != leader and score[best] > score[leader] + self.margin:
-                scope.follow(best)
-                self.switches += 1
+            members = shadow.members
+            order = []
+            for j, (key, _) in enumerate(pending):
+                if key in members:
+                    got[j][i] = True
+                    order.append(j)
+            order += [j for j in range(len(pending)) if not got[j][i]]  # hits first, as the cache does
+            width = len(order) if cap is None else cap
+            for start in range(0, len(order), width):
+                wave = order[start:start + width]
+                protected = {pending[j][0] for j in wave}
+                for j in wave:
+                    key, ranks = pending[j]
+                    shadow.touch(key, ranks[i])
+                    if cap is not None and len(members) > cap:
+                        gone = shadow.pop_victim(protected)
+                        if i == leader:
+                            touched.add(gone)
+        members = scope.shadows[leader].members
+        real, outside = scope.real, scope.outside
+        for key in touched.union(k for k, _ in pending):
+            if key in real and key not in members:
+                outside.add(key)
+            else:
+                outside.discard(key)
+        keep = self._keep
+        score = scope.score
+        for row in got:
+            hits = sum(row)
+            if 0 < hits < n:  # the candidates disagree: that is what tells them apart
+                for i in range(n):
+                    score[i] = score[i] * keep + (1.0 if row[i] else 0.0)
+        best = max(range(n), key=score.__getitem__)
+        if best != leader and score[best] > score[leader] + self.margin:
+            scope.follow(best)
+            self.switches += 1
 
     def on_insert(self, key: ExpertKey) -> None:
         scope = self._scope(key)
         scope.real.add(key)
-        if key not in scope.shadows[scope.leader].members:
+        if key not in scope.now and key not in scope.shadows[scope.leader].members:
             scope.outside.add(key)  # a prefetched expert not used yet: first to go if it stays unused
 
     def on_evict(self, key: ExpertKey) -> None:
@@ -238,14 +287,27 @@ class AdaptivePolicy:
                 best, best_rank = key, rank
         if best is not None:
             return best
-        # The real cache holds only what the leader holds (e.g. right after a wave of pinned copies).
-        members = scope.shadows[scope.leader].members
-        return lowest_ranked(resident_set, protected, lambda key: members.get(key, ()))
+        # Nothing outside the leader: its lowest-ranked resident key, as its shadow would evict; this
+        # step's keys (a wave of a step wider than the scope) rank as they will once the step is replayed.
+        lead = scope.leader
+        shadow = scope.shadows[lead]
+        fresh = {}
+        for key, ranks in scope.pending:
+            fresh[key] = ranks[lead]
+        key = shadow.peek(lambda k: k in resident_set and k not in protected and k not in fresh)
+        best, best_rank = key, (shadow.members[key] if key is not None else None)
+        for key, rank in fresh.items():
+            if key in resident_set and key not in protected and (best_rank is None or rank < best_rank):
+                best, best_rank = key, rank
+        if best is not None:
+            return best
+        members = shadow.members  # resident keys the leader never held (none in practice) go first
+        return lowest_ranked(resident_set, protected, lambda k: members.get(k, ()))
 
     def _learn_capacity(self, scope: _Scope, capacity: int) -> None:
         scope.capacity = capacity
         for i, shadow in enumerate(scope.shadows):
             while len(shadow.members) > capacity:
-                gone = shadow.pop_victim(scope.step_keys)
+                gone = shadow.pop_victim(frozenset())
                 if i == scope.leader and gone in scope.real:
                     scope.outside.add(gone)
