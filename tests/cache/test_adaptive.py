@@ -91,7 +91,7 @@ def test_rejects_bad_parameters():
 
 
 # -- robustness over synthetic regimes -------------------------------------------------------------------
-SMALL = dict(layers=2, experts=32, top_k=4, requests=8, prompt_len=24, decode_len=64, seed=0)
+SMALL = {"layers": 2, "experts": 32, "top_k": 4, "requests": 8, "prompt_len": 24, "decode_len": 64, "seed": 0}
 
 
 def _hit_rates(name: str, slots: int, scope: str = "layer") -> dict[str, float]:
