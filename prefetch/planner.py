@@ -22,7 +22,7 @@ units of one copy's time, a candidate with chance ``p`` of being used is worth
 - ``rho``: link occupancy, the share of copies that had not landed by the next
   layer (a wasted copy then delays the demand misses queued behind it; on an
   idle link it costs nothing);
-- ``delta``: the share of experts evicted for a prefetch that the very next token
+- ``delta``: the share of experts evicted for a prefetch that the next two tokens
   needed again (a miss a wasted copy caused; a used copy's eviction is one the
   demand miss it saved would have made anyway).
 All four are running averages over plain counters, updated in O(1) per event, so
@@ -111,7 +111,7 @@ class PrefetchPlanner:
 
     def _expire_victims(self) -> None:
         order, victims = self._victim_order, self._victims
-        while order and order[0][0] < self._plans - self._layers:
+        while order and order[0][0] < self._plans - 2 * self._layers:
             plan, key = order.popleft()
             if victims.get(key) == plan:
                 del victims[key]
