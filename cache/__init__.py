@@ -6,6 +6,7 @@ same live.
 """
 
 # Importing the policy modules registers them.
+from cache import adaptive as _adaptive  # noqa: F401
 from cache import belady as _belady  # noqa: F401
 from cache import eam as _eam  # noqa: F401
 from cache import lfru as _lfru  # noqa: F401

@@ -10,6 +10,25 @@ Copies in flight are pinned while a layer's demand misses are placed, so the
 planner keeps at least one slot of every cache scope free of them: a scope's
 in-flight prefetches never reach its capacity (a one-slot scope gets none).
 
+A copy is issued only when it is expected to pay (``gate``, on by default). In
+units of one copy's time, a candidate with chance ``p`` of being used is worth
+
+    p * g  -  (1 - p) * (rho + delta)   (delta only when the copy must evict)
+
+- ``p``: the predictor's score, calibrated online per score decile by what
+  happened to earlier copies of that decile (used, or wasted);
+- ``g``: the stall a used copy hides (1 if it landed before use, a twentieth if it
+  was still in flight: it only started earlier than the demand copy would);
+- ``rho``: link occupancy, the share of copies that had not landed by the next
+  layer (a wasted copy then delays the demand misses queued behind it; on an
+  idle link it costs nothing);
+- ``delta``: the share of experts evicted for a prefetch that the next two tokens
+  needed again (a miss a wasted copy caused; a used copy's eviction is one the
+  demand miss it saved would have made anyway).
+All four are running averages over plain counters, updated in O(1) per event, so
+with a predictor that guesses badly or a link that is already the bottleneck the
+planner stops copying, and with compute to spare it copies whatever is likely.
+
 Outcomes, counted once per issued prefetch:
 - useful: the expert was used after its copy had finished;
 - late: it was used while its copy was still in flight (the rest of the copy is stall);
@@ -18,6 +37,7 @@ Outcomes, counted once per issued prefetch:
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -40,12 +60,62 @@ class PrefetchOutcomes:
 
 
 class PrefetchPlanner:
-    def __init__(self, expert_bytes: int, budget_bytes: int) -> None:
+    def __init__(self, expert_bytes: int, budget_bytes: int, *, gate: bool = True, rate: float = 0.02,
+                 prior: float = 4.0) -> None:
         self.expert_bytes = int(expert_bytes)
         self.budget_bytes = int(budget_bytes)
         self.in_flight: set[ExpertKey] = set()  # issued, copy not finished
         self.landed: set[ExpertKey] = set()  # copy finished, not used yet
         self.outcomes = PrefetchOutcomes()
+        self.gate = bool(gate)
+        self._rate = float(rate)  # weight of the newest sample in each running average
+        self._prior = float(prior)  # pseudo-copies behind the predictor's own score
+        self._layers = 1  # MoE layers seen: one token plans once per layer
+        self._plans = 0
+        self._rejected = 0
+        self._issued_at: dict[ExpertKey, tuple[int, int]] = {}  # key -> (plan index, score decile)
+        self._used = [0.0] * 10
+        self._total = [0.0] * 10
+        # Pessimistic until measured: a busy link and late copies, so a bad predictor costs nothing up
+        # front; copies issued to explore (a logarithmic number of rejected candidates) show otherwise.
+        self.occupancy = 1.0  # rho
+        self.gain = 0.05  # g
+        self.damage = 0.0  # delta
+        self._samples = {"occupancy": 1, "gain": 1, "damage": 1}
+        self._victims: dict[ExpertKey, int] = {}  # evicted for a prefetch -> plan index
+        self._victim_order: deque[tuple[int, ExpertKey]] = deque()
+
+    def expected_value(self, score: float, evicts: bool) -> float:
+        """Net stall saved by copying a candidate of ``score`` now, in copies (> 0: worth issuing)."""
+        b = min(int(score * 10.0), 9) if score > 0 else 0
+        p = (self._used[b] + self._prior * min(score, 1.0)) / (self._total[b] + self._prior)
+        cost = self.occupancy + self.damage if evicts else self.occupancy
+        return p * self.gain - (1.0 - p) * cost
+
+    def _sample(self, name: str, value: float) -> None:
+        n = self._samples[name] = self._samples[name] + 1
+        rate = max(self._rate, 1.0 / n)  # a plain mean at first, then a running average
+        setattr(self, name, getattr(self, name) + rate * (value - getattr(self, name)))
+
+    def _resolve(self, key: ExpertKey, used: bool, busy: bool | None) -> None:
+        """An issued copy's fate is known: feed the calibration and the running averages."""
+        issued = self._issued_at.pop(key, None)
+        if issued is None:
+            return
+        _plan, b = issued
+        self._total[b] += 1.0
+        if used:
+            self._used[b] += 1.0
+        if busy is not None:
+            self._sample("occupancy", 1.0 if busy else 0.0)
+
+    def _expire_victims(self) -> None:
+        order, victims = self._victim_order, self._victims
+        while order and order[0][0] < self._plans - 2 * self._layers:
+            plan, key = order.popleft()
+            if victims.get(key) == plan:
+                del victims[key]
+                self._sample("damage", 0.0)
 
     # -- planning ----------------------------------------------------------------
     def plan(
@@ -60,6 +130,9 @@ class PrefetchPlanner:
         caller issues the copies and calls :meth:`on_complete` when each lands.
         """
         issued = []
+        self._plans += 1
+        if self._victim_order:
+            self._expire_victims()
         budget_left = self.budget_bytes - len(self.in_flight) * self.expert_bytes
         in_flight_per_scope: dict[int, int] = {}
         for k in self.in_flight:
@@ -69,14 +142,20 @@ class PrefetchPlanner:
         # Everything the prediction expects to use is protected: a prefetch must not evict an
         # expert (resident or landing) that the same prediction says is needed.
         wanted = {k for k, _ in ranked}
-        for key, _score in ranked:
+        for key, score in ranked:
             if budget_left < self.expert_bytes:
                 break
             if key in needed_now or cache.is_resident(key):
                 continue
+            if key.layer >= self._layers:
+                self._layers = key.layer + 1
             scope = cache.scope_of(key.layer)
             if in_flight_per_scope.get(scope, 0) + 1 >= cache.capacity(key.layer):
                 continue  # a demand miss of that scope must always find an unpinned slot
+            if self.gate and self.expected_value(score, not cache.has_free_slot(key.layer)) <= 0:
+                self._rejected += 1
+                if self._rejected & (self._rejected - 1):
+                    continue  # the 1st, 2nd, 4th, 8th, ... rejected candidate is copied all the same
             protected = set(needed_now) | self.in_flight | self.landed | wanted
             placed = cache.insert(key, protected)
             if placed is None:
@@ -84,7 +163,10 @@ class PrefetchPlanner:
             slot, evicted = placed
             if evicted is not None:
                 self.on_evict(evicted)
+                self._victims[evicted] = self._plans
+                self._victim_order.append((self._plans, evicted))
             self.in_flight.add(key)
+            self._issued_at[key] = (self._plans, min(int(score * 10.0), 9) if score > 0 else 0)
             in_flight_per_scope[scope] = in_flight_per_scope.get(scope, 0) + 1
             self.outcomes.issued += 1
             budget_left -= self.expert_bytes
@@ -96,20 +178,31 @@ class PrefetchPlanner:
         if key in self.in_flight:
             self.in_flight.discard(key)
             self.landed.add(key)
+            issued = self._issued_at.get(key)
+            if issued is not None:  # landed before the next layer planned: the link had room
+                self._sample("occupancy", 1.0 if self._plans > issued[0] else 0.0)
 
     def on_access(self, key: ExpertKey) -> None:
         """The engine/simulator needs ``key`` now (call before waiting on its copy)."""
         if key in self.landed:
             self.landed.discard(key)
             self.outcomes.useful += 1
+            self._resolve(key, True, None)
+            self._sample("gain", 1.0)
         elif key in self.in_flight:
             self.in_flight.discard(key)
             self.outcomes.late += 1
+            self._resolve(key, True, True)
+            self._sample("gain", 0.05)
+        if key in self._victims:  # evicted for a prefetch, needed again within the window
+            del self._victims[key]
+            self._sample("damage", 1.0)
 
     def on_evict(self, key: ExpertKey) -> None:
         if key in self.landed:
             self.landed.discard(key)
             self.outcomes.wasted += 1
+            self._resolve(key, False, None)
 
     def stale(self, layer: int, scope_layers: int | None = None) -> list[ExpertKey]:
         """Prefetches for ``layer`` that the step just routed at ``layer`` did not use.
@@ -126,3 +219,4 @@ class PrefetchPlanner:
             self.in_flight.discard(key)
             self.outcomes.wasted += 1
             self.outcomes.cancelled += 1
+            self._resolve(key, False, True)

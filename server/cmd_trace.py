@@ -1,4 +1,4 @@
-"""``moepager trace import | stats | simulate``: routing traces from the command line."""
+"""``moepager trace import | stats | simulate | synth``: routing traces from the command line."""
 
 from __future__ import annotations
 
@@ -48,7 +48,29 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     sim.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     sim.add_argument("--plot", default=None, metavar="PNG", help="hit rate vs capacity for all policies")
     sim.set_defaults(run=run_simulate)
+
+    from traces.synth import REGIMES, config_fields
+
+    syn = sub.add_parser("synth", help="generate a synthetic trace from a named regime (deterministic by seed)")
+    syn.add_argument("--regime", default="mixed", choices=list(REGIMES))
+    syn.add_argument("--out", required=True, metavar="TRACE")
+    for name, kind in config_fields():  # every knob overrides the regime's value
+        syn.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None)
+    syn.set_defaults(run=run_synth)
     return p
+
+
+# -- synth --------------------------------------------------------------------------------
+def run_synth(args: argparse.Namespace) -> int:
+    from traces.format import save_trace
+    from traces.synth import config_fields, regime, synth_trace
+
+    overrides = {name: getattr(args, name) for name, _ in config_fields() if getattr(args, name) is not None}
+    trace = synth_trace(regime(args.regime, **overrides))
+    save_trace(args.out, trace)
+    print(f"wrote {args.out}: regime {args.regime}, {trace.num_rows} rows, {int(trace.request.max()) + 1} requests, "
+          f"{trace.num_layers} MoE layers, {trace.num_experts} experts, top-{trace.top_k}")
+    return 0
 
 
 # -- import -------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def add_cache_flags(p: argparse.ArgumentParser, *, live: bool = True) -> None:
     budget.add_argument("--expert-cache-gb", type=_positive_float, default=None,
                         help="device memory for expert slots, in GB")
     p.add_argument("--cache-scope", default="layer", choices=SCOPES)
-    p.add_argument("--cache-policy", default="lru", choices=policy_names(online_only=live))
+    p.add_argument("--cache-policy", default="adaptive", choices=policy_names(online_only=live))
 
 
 def add_prefetch_flags(p: argparse.ArgumentParser, *, live: bool = True) -> None:

@@ -25,7 +25,7 @@ def single(*experts):
 
 
 def test_registry_lists_every_policy_and_belady_is_offline():
-    assert {"lru", "lfu", "lfru", "eam", "belady", "nextuse"} <= set(policy_names())
+    assert {"lru", "lfu", "lfru", "eam", "belady", "nextuse", "adaptive"} <= set(policy_names())
     assert "belady" not in policy_names(online_only=True)
     assert is_offline_only("belady")
     with pytest.raises(ValueError, match="known policies"):
@@ -103,7 +103,7 @@ def test_nextuse_evicts_the_stalest_layer_in_a_shared_cache():
     assert replay(build_policy("nextuse"), seq, [2], scope="global", num_layers=3) == 2
 
 
-@pytest.mark.parametrize("name", ["lru", "lfu", "lfru", "eam", "nextuse"])
+@pytest.mark.parametrize("name", ["lru", "lfu", "lfru", "eam", "nextuse", "adaptive"])
 def test_every_online_policy_respects_protection(name):
     policy = build_policy(name)
     cache = ExpertCache(policy, 1, [2])

@@ -1,0 +1,179 @@
+"""Synthetic routing traces with tunable regimes, deterministic by seed.
+
+Design: a policy or predictor that wins on one trace and loses on another is not
+done, and real routing traces are not available to judge on. So traces are
+generated from a handful of knobs, each one a property that some policy exploits
+and another ignores, and every table is taken over a grid of regimes:
+
+- ``skew``: Zipf exponent of each layer's expert popularity (0: uniform), with
+  ``skew_spread`` varying it across layers (layer ``l`` gets ``skew * (1 + s_l)``,
+  ``s_l`` spread evenly over ``[-skew_spread, +skew_spread]``);
+- ``locality``: the chance that each expert of the previous token (same layer,
+  same request) is routed again, varied across layers by ``locality_spread``;
+- ``cross_layer``: the chance that each expert of layer ``l-1`` is followed by
+  its fixed successor at layer ``l`` (a path through the layers);
+- ``topics`` and ``topic_weight``: each request draws a topic whose own
+  popularity takes ``topic_weight`` of the routing mass (request-level shifts);
+- ``drift``: per token and layer, the chance that a hot expert trades its
+  popularity with a random one (the popular set moves over time);
+- ``requests``, ``prompt_len``, ``decode_len`` (means; lengths vary +-50 %):
+  a request's prompt is one prefill step (phase 0, all rows sharing a step) and
+  each decode token is its own step, as the engine records them.
+
+Within a token and layer the experts are: the previous token's that repeat, then
+successors of the layer above, then draws without replacement from the mixed
+popularity (Gumbel top-k), up to ``top_k`` distinct experts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+import numpy as np
+
+from traces.format import Trace
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    layers: int = 8
+    experts: int = 64
+    top_k: int = 6
+    requests: int = 24
+    prompt_len: int = 48
+    decode_len: int = 96
+    skew: float = 0.8
+    skew_spread: float = 0.0
+    locality: float = 0.3
+    locality_spread: float = 0.0
+    cross_layer: float = 0.0
+    topics: int = 1
+    topic_weight: float = 0.0
+    drift: float = 0.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.layers < 1 or self.experts < 2 or not 1 <= self.top_k <= self.experts:
+            raise ValueError("synth: need layers >= 1, experts >= 2 and 1 <= top_k <= experts")
+        if self.requests < 1 or self.prompt_len < 1 or self.decode_len < 0:
+            raise ValueError("synth: need requests >= 1, prompt_len >= 1 and decode_len >= 0")
+        for name in ("locality", "cross_layer", "topic_weight", "drift"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"synth: {name} must be in [0, 1], got {getattr(self, name)}")
+        if self.skew < 0 or self.skew_spread < 0 or self.locality_spread < 0 or self.topics < 1:
+            raise ValueError("synth: skew, skew_spread, locality_spread must be >= 0 and topics >= 1")
+
+
+# Each regime exaggerates one property; "mixed" combines them at moderate strength.
+REGIMES: dict[str, SynthConfig] = {
+    "uniform": SynthConfig(skew=0.0, locality=0.0),
+    "skewed": SynthConfig(skew=1.2, locality=0.0),
+    "sticky": SynthConfig(skew=0.3, locality=0.7),
+    "drifting": SynthConfig(skew=1.2, locality=0.2, drift=0.05),
+    "topics": SynthConfig(skew=1.0, locality=0.3, topics=8, topic_weight=0.8),
+    "layered": SynthConfig(skew=1.0, skew_spread=0.8, locality=0.4, locality_spread=1.0),
+    "crosslayer": SynthConfig(skew=0.6, locality=0.2, cross_layer=0.6),
+    "prefill": SynthConfig(skew=0.8, locality=0.3, prompt_len=256, decode_len=16),
+    "mixed": SynthConfig(skew=0.9, skew_spread=0.3, locality=0.35, locality_spread=0.5, cross_layer=0.4,
+                         topics=6, topic_weight=0.5, drift=0.005),
+}
+
+
+def regime(name: str, **overrides) -> SynthConfig:
+    if name not in REGIMES:
+        raise ValueError(f"unknown regime {name!r}; known regimes: {', '.join(REGIMES)}")
+    return replace(REGIMES[name], **overrides)
+
+
+def _spread(base: float, spread: float, layers: int) -> np.ndarray:
+    offsets = np.linspace(-spread, spread, layers) if layers > 1 else np.zeros(1)
+    return base * (1.0 + offsets)
+
+
+def synth_trace(config: SynthConfig) -> Trace:
+    """Generate a trace; the same config (seed included) always gives the same arrays."""
+    config.validate()
+    rng = np.random.default_rng(config.seed)
+    L, E, K = config.layers, config.experts, config.top_k
+    ranks = np.arange(1, E + 1, dtype=np.float64)
+    skews = np.maximum(_spread(config.skew, config.skew_spread, L), 0.0)
+    localities = np.clip(_spread(config.locality, config.locality_spread, L), 0.0, 1.0)
+    # Popularity: a Zipf profile over ranks, assigned to experts by a random permutation per layer.
+    base = np.empty((L, E))
+    for layer in range(L):
+        w = ranks ** -skews[layer]
+        base[layer, rng.permutation(E)] = w / w.sum()
+    topic_pop = np.empty((config.topics, L, E))
+    for t in range(config.topics):
+        for layer in range(L):
+            topic_pop[t, layer] = base[layer, rng.permutation(E)]
+    successor = np.stack([rng.permutation(E) for _ in range(L)])  # layer l-1 expert -> layer l expert
+    hot = max(2 * K, 1)
+    tw = config.topic_weight
+
+    lengths = []
+    for _ in range(config.requests):
+        p = int(rng.integers(max(1, math.ceil(config.prompt_len * 0.5)), int(config.prompt_len * 1.5) + 1))
+        d = int(rng.integers(int(config.decode_len * 0.5), int(config.decode_len * 1.5) + 1)) \
+            if config.decode_len else 0
+        lengths.append((p, d))
+    n = sum(p + d for p, d in lengths)
+    experts = np.empty((n, L, K), dtype=np.int16)
+    request = np.empty(n, np.int32)
+    position = np.empty(n, np.int32)
+    phase = np.empty(n, np.int8)
+    step = np.empty(n, np.int32)
+    row = 0
+    step_id = 0
+    for r, (p, d) in enumerate(lengths):
+        topic = int(rng.integers(config.topics))
+        logp = np.log((1.0 - tw) * base + tw * topic_pop[topic] + 1e-300)  # [L, E]
+        prev: list[list[int]] = [[] for _ in range(L)]
+        for pos in range(p + d):
+            cur: list[list[int]] = []
+            for layer in range(L):
+                if config.drift and rng.random() < config.drift:
+                    a = int(np.argsort(-base[layer])[int(rng.integers(hot))])
+                    b = int(rng.integers(E))
+                    base[layer, [a, b]] = base[layer, [b, a]]
+                    logp[layer, [a, b]] = np.log((1.0 - tw) * base[layer, [a, b]]
+                                                 + tw * topic_pop[topic, layer, [a, b]] + 1e-300)
+                chosen: list[int] = []
+                if prev[layer]:
+                    keep = rng.random(len(prev[layer])) < localities[layer]
+                    chosen = [e for e, k in zip(prev[layer], keep) if k]
+                if layer and config.cross_layer:
+                    follow = rng.random(K) < config.cross_layer
+                    for e, f in zip(cur[layer - 1], follow):
+                        s = int(successor[layer, e])
+                        if f and s not in chosen:
+                            chosen.append(s)
+                chosen = chosen[:K]
+                if len(chosen) < K:
+                    score = logp[layer] + rng.gumbel(size=E)
+                    if chosen:
+                        score[chosen] = -np.inf
+                    need = K - len(chosen)
+                    top = np.argpartition(-score, need - 1)[:need]
+                    chosen.extend(int(e) for e in top[np.argsort(-score[top])])
+                cur.append(chosen)
+            experts[row] = cur
+            request[row], position[row] = r, pos
+            phase[row] = 0 if pos < p else 1
+            step[row] = step_id
+            if pos >= p - 1:
+                step_id += 1  # the prompt is one step; every decode token is its own
+            prev = cur
+            row += 1
+    weights = rng.dirichlet(np.ones(K), size=(n, L))
+    weights = -np.sort(-weights, axis=-1)
+    meta = {"experts": E, "top_k": K, "model": "synthetic", "architecture": "synthetic",
+            "moe_layers": list(range(L)), "synth": asdict(config)}
+    return Trace(experts=experts, weights=weights.astype(np.float16), request=request, position=position,
+                 phase=phase, meta=meta, step=step)
+
+
+def config_fields() -> list[tuple[str, type]]:
+    """(name, type) of every knob, for the command line."""
+    return [(f.name, int if f.type in (int, "int") else float) for f in fields(SynthConfig)]
