@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 _TOKENIZERS: dict[int, Any] = {}
+# Compact JSON (", " and ": " separators, no free whitespace): a weak model cannot pad forever.
+_JSON_OPTIONS = {"whitespace_flexible": False}
 
 
 class GrammarError(ValueError):
@@ -40,7 +42,8 @@ def json_schema_grammar(schema: dict[str, Any] | None) -> str:
     """A grammar for one JSON value matching ``schema`` (None: any JSON object)."""
     import llguidance
 
-    return llguidance.LLMatcher.grammar_from_json_schema(schema if schema is not None else {"type": "object"})
+    return llguidance.LLMatcher.grammar_from_json_schema(schema if schema is not None else {"type": "object"},
+                                                         defaults=_JSON_OPTIONS)
 
 
 def lark_grammar(lark: str) -> str:
@@ -57,7 +60,7 @@ def tool_call_grammar(tools: list[dict[str, Any]], multiple: bool) -> str:
         params = tool.get("parameters") or {"type": "object", "properties": {}}
         variants.append({"type": "object", "properties": {"name": {"const": tool["name"]}, "arguments": params},
                          "required": ["name", "arguments"], "additionalProperties": False})
-    schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
+    schema = dict(variants[0] if len(variants) == 1 else {"anyOf": variants}, **{"x-guidance": _JSON_OPTIONS})
     rule = "call" if not multiple else 'call ("\\n" call)*'
     lark = (f"start: {rule}\n"
             f'call: "<tool_call>\\n" body "\\n</tool_call>"\n'
@@ -72,9 +75,9 @@ class GrammarFactory:
         import llguidance
 
         self._ll_tokenizer = _ll_tokenizer(tokenizer)
-        ok, message = llguidance.LLMatcher.validate_grammar(grammar, self._ll_tokenizer)
-        if not ok:
-            raise GrammarError(message)
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self._ll_tokenizer)
+        if failed:
+            raise GrammarError("; ".join(messages) or "invalid grammar")
         self._grammar = grammar
         self.vocab_size = vocab_size
         self.stop_ids = torch.tensor(sorted(i for i in stop_ids if i < vocab_size), dtype=torch.long)

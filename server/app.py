@@ -22,7 +22,7 @@ from fastapi import FastAPI
 from engine.errors import MoepagerError
 from server.errors import install_error_handlers
 from server.metrics import ServerMetrics
-from server.routers import admin, chat, completions, models, system
+from server.routers import admin, chat, completions, models, system, tokenize
 from server.scheduler import Scheduler
 from server.settings import ServerSettings
 
@@ -97,6 +97,6 @@ def create_app(engine_or_loader: Any, settings: ServerSettings | None = None, *,
     app.state.started_at = time.time()
     app.state.metrics = ServerMetrics(lambda: app.state.engine)
     install_error_handlers(app)
-    for module in (chat, completions, models, admin, system):
+    for module in (chat, completions, tokenize, models, admin, system):
         app.include_router(module.router)
     return app
