@@ -133,6 +133,10 @@ class BatchGenerator:
     def has_work(self) -> bool:
         return bool(self._running or self._waiting)
 
+    def kv_bytes(self) -> int:
+        """Bytes held by the running batch's KV cache now."""
+        return self._kv.nbytes() if self._kv is not None else 0
+
     def sequence_id(self, request_id: str) -> int:
         """The integer id that ``StepInfo.request`` uses for ``request_id``."""
         return self._by_id[request_id].seq_id

@@ -21,7 +21,7 @@ from engine.generation import SamplingParams
 from server import tools as tools_mod
 from server.errors import APIError, error_body
 from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, UsageInfo
-from server.scheduler import QueueFullError, Scheduler, SequenceStream
+from server.scheduler import KVBudgetError, QueueFullError, Scheduler, SequenceStream
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DISCONNECT_POLL_S = 0.25
@@ -47,6 +47,28 @@ def check_api_key(request: Request) -> None:
     given = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key")
     if given != key:
         raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')")
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_admin(request: Request) -> None:
+    """Admin routes: the API key when one is set; refused off loopback without one."""
+    settings = request.app.state.settings
+    if settings.api_key:
+        check_api_key(request)
+    elif not is_loopback(settings.host):
+        raise APIError(403, f"admin routes are disabled: the server listens on {settings.host} without an API "
+                       "key; start it with --api-key (or $MOEPAGER_API_KEY), or bind to 127.0.0.1",
+                       reason="forbidden")
 
 
 def served_model_name(request: Request) -> str:
@@ -209,6 +231,8 @@ def submit(request: Request, request_id: str, prompts: list[list[int]], params: 
         return scheduler.submit_group(items)
     except QueueFullError as exc:
         raise APIError(429, f"server is busy: {exc}", headers={"Retry-After": "1"}, reason="queue_full") from None
+    except KVBudgetError as exc:
+        raise APIError(400, str(exc), param="max_tokens", reason="kv_budget") from None
 
 
 # ---- consuming token events ---------------------------------------------------------------

@@ -1,0 +1,64 @@
+"""Memory budgets chosen at start-up: KV cache bytes per token, the default KV budget, and the
+device's free memory.
+
+Design
+- Bytes per token are measured, not derived from the config: one forward of one token fills
+  a fresh cache, whose bytes are what every later token costs (MLA latents, different key and
+  value widths and sliding windows included; a sliding layer's cost per token stops growing
+  at its window, so the measure is an upper bound).
+- The default budget is what ``--max-num-seqs`` full-length sequences need, capped by a share
+  of the memory free once the model is loaded. The share is below half because joining a
+  prefilled group to the running batch copies both caches for a moment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+FREE_MEMORY_SHARE = 0.45
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Free memory where the KV cache lives: the GPU's, or the host's available RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def kv_bytes_per_token(engine: Any) -> int:
+    """KV cache bytes one token costs in this engine's model (measured with a one-token forward)."""
+    gen = engine.batch_generator(1, None)
+    from transformers import DynamicCache
+
+    from engine.kv_rows import BatchKV
+
+    model = engine.model
+    cache = DynamicCache(config=model.config)
+    ids = torch.zeros(1, 1, dtype=torch.long, device=engine.device)
+    with torch.no_grad():
+        gen._forward(ids, torch.ones(1, 1, dtype=torch.long, device=engine.device),
+                     torch.zeros(1, 1, dtype=torch.long), torch.full((1, 1), -1, dtype=torch.long), cache, 0)
+    return max(1, BatchKV(cache, torch.ones(1, 1)).nbytes())
+
+
+def default_kv_budget(bytes_per_token: int, max_num_seqs: int, max_model_len: int, free_bytes: int) -> int:
+    """``max_num_seqs`` full-length sequences, capped by a share of free memory; at least one."""
+    from engine.errors import BudgetError
+
+    full = bytes_per_token * max_num_seqs * max_model_len
+    budget = min(full, int(free_bytes * FREE_MEMORY_SHARE))
+    one = bytes_per_token * max_model_len
+    if budget < one:
+        raise BudgetError(f"one {max_model_len}-token sequence needs {one / 1e9:.2f} GB of KV cache and only "
+                          f"{free_bytes / 1e9:.2f} GB is free; lower --max-model-len or the expert budget")
+    return budget
