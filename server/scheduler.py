@@ -21,9 +21,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
-from collections import deque
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any

@@ -63,5 +63,5 @@ def test_burst_over_the_budget_waits_and_never_exceeds_it(engine):
         assert too_big.status_code == 400 and too_big.json()["error"]["param"] == "max_tokens"
         assert "KV" in too_big.json()["error"]["message"]
         metrics = httpx.get(base + "/metrics").text
-        assert float(re.search(r"^moepager_kv_cache_budget_bytes (\S+)$", metrics, re.M).group(1)) == budget
-        assert re.search(r"^moepager_kv_cache_used_bytes ", metrics, re.M)
+        assert float(re.search(r"^moepager_kv_cache_budget_bytes (\S+)$", metrics, re.MULTILINE).group(1)) == budget
+        assert re.search(r"^moepager_kv_cache_used_bytes ", metrics, re.MULTILINE)
