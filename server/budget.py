@@ -62,3 +62,39 @@ def default_kv_budget(bytes_per_token: int, max_num_seqs: int, max_model_len: in
         raise BudgetError(f"one {max_model_len}-token sequence needs {one / 1e9:.2f} GB of KV cache and only "
                           f"{free_bytes / 1e9:.2f} GB is free; lower --max-model-len or the expert budget")
     return budget
+
+
+HEADROOM_BYTES = 1 << 30  # CUDA context, allocator fragmentation, activations
+
+
+def checkpoint_split_bytes(model: str | None, dtype: torch.dtype) -> tuple[int, int]:
+    """(dense bytes, routed-expert bytes) of a checkpoint at ``dtype``, from its safetensors headers."""
+    from engine.arch import parse_expert_key
+    from engine.loader import resolve_model_path
+    from engine.safetensors_io import CheckpointReader
+
+    reader = CheckpointReader(resolve_model_path(model))
+    dense = experts = 0
+    size = torch.tensor([], dtype=dtype).element_size()
+    for name in list(reader):
+        numel = 1
+        for d in reader.shape(name):
+            numel *= d
+        if parse_expert_key(name) is not None or ".experts." in name:
+            experts += numel * size
+        else:
+            dense += numel * size
+    return dense, experts
+
+
+def auto_expert_cache_gb(free_bytes: int, dense_bytes: int, kv_reserve_bytes: int) -> float:
+    """Device memory left for expert slots once the dense weights, the KV reserve and a headroom
+    are set aside; raises if nothing is left."""
+    from engine.errors import BudgetError
+
+    left = free_bytes - dense_bytes - kv_reserve_bytes - HEADROOM_BYTES
+    if left <= 0:
+        raise BudgetError(f"--expert-cache-gb auto: {free_bytes / 1e9:.2f} GB free holds neither the dense weights "
+                          f"({dense_bytes / 1e9:.2f} GB) plus the KV reserve ({kv_reserve_bytes / 1e9:.2f} GB) nor "
+                          "any expert slot; lower --kv-cache-gb or --max-model-len")
+    return left / 1e9
