@@ -360,6 +360,24 @@ def test_incremental_detokenizer_never_splits_characters(tokenizer):
     assert not any("\ufffd" in d for d in deltas)
 
 
+def test_decode_stream_and_window_fallback_agree(tokenizer):
+    class NoBackend:  # a tokenizer without tokenizers' DecodeStream: the decode-window path
+        def __init__(self, tok):
+            self.decode = tok.decode
+
+    text = "über café 日本語 🙂 stop"
+    ids, prompt = tokenizer.encode(text), tokenizer.encode("the ")
+    streamed = IncrementalDetokenizer(tokenizer, prompt)
+    windowed = IncrementalDetokenizer(NoBackend(tokenizer), prompt)
+    assert streamed._stream is not None and windowed._stream is None
+    out = {}
+    for name, detok in (("stream", streamed), ("window", windowed)):
+        deltas = [detok.push(t) for t in ids] + [detok.flush()]
+        assert not any("\ufffd" in d for d in deltas)
+        out[name] = "".join(deltas)
+    assert out["stream"] == out["window"] == text
+
+
 def test_stop_string_holder_holds_possible_prefixes():
     h = StopStringHolder(("STOP", "end."))
     assert h.push("abc S") == "abc "
