@@ -104,6 +104,9 @@ class GrammarConstraint:
         """``[V]`` bool: the tokens the grammar allows next."""
         vocab = self._factory.vocab_size
         out = torch.zeros(vocab, dtype=torch.bool)
+        if self.done:  # complete (or broken): only the end of the sequence is left
+            out[self._factory.stop_ids] = True
+            return out
         if not self._matcher.is_stopped():
             self._fill(self._matcher, self._bitmask, 0)
             bits = ((self._bitmask[0].unsqueeze(-1) >> self._bits) & 1).bool().reshape(-1)  # [32 * W]
@@ -118,4 +121,6 @@ class GrammarConstraint:
             self.done = True
             return
         if not self._matcher.consume_token(token):
-            raise GrammarError(f"token {token} violates the grammar: {self._matcher.get_error()}")
+            # The mask makes this unreachable; if it happens, end this sequence rather than fail
+            # the whole batch from inside the engine step.
+            self.done = True

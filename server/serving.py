@@ -395,7 +395,7 @@ def grammar_constraint(request: Request, grammar: Any, param: str) -> Any:
     except ImportError:
         raise APIError(400, f"{param} needs the llguidance package (pip install 'moepager[server]')",
                        param=param) from None
-    except (GrammarError, ValueError, TypeError) as exc:
+    except (GrammarError, ValueError, TypeError, RuntimeError) as exc:
         raise APIError(400, f"{param}: the grammar cannot be built: {exc}", param=param) from None
 
 

@@ -277,3 +277,13 @@ def test_tokenize_detokenize(base):
     assert chat["count"] > r["count"]
     assert httpx.post(base + "/detokenize", json={"tokens": [10**9]}).status_code == 400
     assert httpx.post(base + "/tokenize", json={}).status_code == 400
+
+
+def test_harmony_tools_are_refused_with_a_reason(engine):
+    from fastapi.testclient import TestClient
+
+    harmony = "{% if tools %}{% endif %}{% for m in messages %}<|start|>{{ m.content }}<|channel|>{% endfor %}"
+    with TestClient(make_app(engine, chat_template=harmony)) as c:
+        r = c.post("/v1/chat/completions", json={"messages": USER, "tools": [WEATHER], "max_tokens": 2})
+        assert r.status_code == 400 and "harmony" in r.json()["error"]["message"]
+        assert c.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2}).status_code == 200
