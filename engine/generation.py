@@ -112,7 +112,7 @@ class BatchGenerator:
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.pad_token_id = _pad_token_id(model, tokenizer, self.eos_token_ids)
         self._step_context = step_context
-        self._cache_arg = _cache_argument(model)
+        self._cache_arg = cache_argument(model)
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []  # row order of self._kv
         self._kv: BatchKV | None = None
@@ -394,7 +394,7 @@ def _prompt_logprobs(logits: torch.Tensor, seq: _Sequence) -> list:
     return [None] + [(c, top_logprobs(logp[j], k)) for j, c in enumerate(chosen)]
 
 
-def _cache_argument(model) -> str:
+def cache_argument(model) -> str:
     """transformers renamed ``past_key_values`` to ``cache`` (the old name warns, then goes away);
     use whichever this version's forward declares."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

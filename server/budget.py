@@ -36,18 +36,23 @@ def free_memory_bytes(device: torch.device) -> int:
 
 
 def kv_bytes_per_token(engine: Any) -> int:
-    """KV cache bytes one token costs in this engine's model (measured with a one-token forward)."""
-    gen = engine.batch_generator(1, None)
+    """KV cache bytes one token costs in this engine's model (measured with a one-token forward).
+    The probe row is marked as padding, so no expert runs for it and no trace or cache statistic
+    sees it."""
     from transformers import DynamicCache
 
+    from engine.generation import PREFILL, StepInfo, cache_argument
     from engine.kv_rows import BatchKV
 
-    model = engine.model
+    model, device = engine.model, engine.device
     cache = DynamicCache(config=model.config)
-    ids = torch.zeros(1, 1, dtype=torch.long, device=engine.device)
-    with torch.no_grad():
-        gen._forward(ids, torch.ones(1, 1, dtype=torch.long, device=engine.device),
-                     torch.zeros(1, 1, dtype=torch.long), torch.full((1, 1), -1, dtype=torch.long), cache, 0)
+    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+    info = StepInfo(valid=torch.zeros(1, dtype=torch.bool, device=device), request=torch.full((1,), -1),
+                    position=torch.full((1,), -1), phase=PREFILL, tokens=ids.reshape(-1))
+    step_context = getattr(engine, "step_context", None)
+    with torch.no_grad(), (step_context(info) if step_context is not None else contextlib.nullcontext()):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.zeros_like(ids),
+              use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
     return max(1, BatchKV(cache, torch.ones(1, 1)).nbytes())
 
 
