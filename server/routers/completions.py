@@ -25,6 +25,8 @@ async def create_completion(body: CompletionRequest, request: Request):
     if body.echo and body.stream:
         raise serving.APIError(400, "echo is not supported with stream", param="echo")
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+    if body.max_tokens == 0 and prompt_logprobs is None:
+        prompt_logprobs = 0  # echo without logprobs: nothing to generate, only the prompt comes back
     params = serving.prepare(request, body, prompts, serving.DEFAULT_COMPLETION_MAX_TOKENS,
                              body.requested_max_tokens(), logprobs=body.logprobs, prompt_logprobs=prompt_logprobs)
     request_id = random_id("cmpl")

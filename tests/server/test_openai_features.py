@@ -97,6 +97,11 @@ def test_echo_scores_the_prompt_with_zero_tokens(client, base, engine):
     assert lp.text_offset == sorted(lp.text_offset)
 
 
+def test_echo_alone_returns_the_prompt(base):
+    r = httpx.post(base + "/v1/completions", json={"prompt": "the cat", "max_tokens": 0, "echo": True}).json()
+    assert r["choices"][0]["text"] == "the cat" and r["choices"][0]["logprobs"] is None
+
+
 def test_echo_with_one_token_and_completion_logprobs(client, base):
     ids = tokenize(base, "abc")
     r = client.completions.create(model=MODEL, prompt=[ids, ids], max_tokens=1, echo=True, logprobs=1,
