@@ -24,6 +24,7 @@ from typing import Protocol
 import torch
 
 MAX_LOGPROBS = 20
+_BIG = 1e30  # stands in for +inf logits; finite after division by any sane temperature
 
 
 class TokenConstraint(Protocol):
@@ -81,8 +82,8 @@ class SamplingParams:
             value = getattr(self, name)
             if not _is_real(value) or not -2 <= value <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
-        if not _is_real(self.repetition_penalty) or not 0 < self.repetition_penalty <= 10:
-            raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty!r}")
+        if not _is_real(self.repetition_penalty) or not 0.01 <= self.repetition_penalty <= 10:
+            raise ValueError(f"repetition_penalty must be in [0.01, 10], got {self.repetition_penalty!r}")
         for t, b in self.logit_bias:
             if not _is_int(t) or t < 0:
                 raise ValueError(f"logit_bias keys must be token ids >= 0, got {t!r}")
@@ -174,6 +175,8 @@ def apply_controls(row: torch.Tensor, r: SampleRow) -> torch.Tensor:
         counts = torch.bincount(torch.tensor(r.generated, dtype=torch.long, device=row.device),
                                 minlength=vocab)[:vocab].to(row.dtype)  # [V]
         row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(row.dtype)
+    # Controls must not make a logit NaN or +inf (softmax would fail for the whole batch).
+    row = torch.nan_to_num(row, nan=float("-inf"), posinf=_BIG)
     if r.constraint is not None:
         allowed = r.constraint.allowed().to(row.device)  # [V] bool
         row = row.masked_fill(~allowed[:vocab], float("-inf"))
@@ -181,7 +184,7 @@ def apply_controls(row: torch.Tensor, r: SampleRow) -> torch.Tensor:
 
 
 def _draw(row: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-    row = row / p.temperature  # [V]
+    row = torch.nan_to_num(row / p.temperature, nan=float("-inf"), posinf=_BIG)  # [V]
     if p.top_k > 0 and p.top_k < row.shape[-1]:
         kth = torch.topk(row, p.top_k).values[-1]
         row = row.masked_fill(row < kth, float("-inf"))
@@ -194,6 +197,8 @@ def _draw(row: torch.Tensor, p: SamplingParams, generator: torch.Generator | Non
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     if p.min_p > 0:
         probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        return int(row.argmax().item())  # degenerate distribution (everything masked): greedy
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 

@@ -70,7 +70,7 @@ class SamplingFields(_Request):
     min_p: float | None = Field(default=None, ge=0.0, le=1.0, description="moepager extension (as vLLM)")
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0,
+    repetition_penalty: float | None = Field(default=None, ge=0.01, le=10.0,
                                              description="moepager extension (as vLLM): over prompt and output")
     logit_bias: dict[str, float] | None = Field(default=None, description="token id (as a string) -> bias")
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
