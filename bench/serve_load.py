@@ -2,7 +2,9 @@
 
 For each concurrency level (default 1, 4, 16, 32) it runs ``--requests-per-client`` streaming
 completions per client and reports TTFT p50/p99, inter-token latency p50/p99 and output
-tokens/s; prints a table and writes JSON with ``--out``.
+tokens/s; prints a table and writes JSON with ``--out``. ``--structured json_object`` (or
+``json_schema``) sends chat requests with that ``response_format`` instead, so the grammar
+mask is on the sampling path; those requests stop when the JSON document is complete.
 
     python -m bench.serve_load --url http://127.0.0.1:8000 --out serve_load.json
 """
@@ -26,6 +28,15 @@ class RequestResult:
     itl_s: list[float] = field(default_factory=list)
     output_tokens: int = 0
     error: str | None = None
+
+
+STRUCTURED = {
+    "json_object": {"type": "json_object"},
+    "json_schema": {"type": "json_schema", "json_schema": {"name": "story", "strict": True, "schema": {
+        "type": "object", "additionalProperties": False, "required": ["title", "tags"],
+        "properties": {"title": {"type": "string", "maxLength": 80},
+                       "tags": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 4}}}}},
+}
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -54,7 +65,8 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> Reques
                     return result
                 if chunk.get("usage"):
                     result.output_tokens = chunk["usage"]["completion_tokens"]
-                if not chunk.get("choices") or not chunk["choices"][0].get("text"):
+                choices = chunk.get("choices")
+                if not choices or not (choices[0].get("text") or (choices[0].get("delta") or {}).get("content")):
                     continue
                 now = time.perf_counter()
                 if last is None:
@@ -68,12 +80,12 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> Reques
 
 
 async def run_level(base: str, concurrency: int, requests_per_client: int, body: dict, api_key: str | None,
-                    timeout_s: float) -> dict:
+                    timeout_s: float, path: str = "/v1/completions") -> dict:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=timeout_s, headers=headers, limits=limits) as client:
         async def client_loop() -> list[RequestResult]:
-            return [await one_request(client, base + "/v1/completions", body) for _ in range(requests_per_client)]
+            return [await one_request(client, base + path, body) for _ in range(requests_per_client)]
 
         start = time.perf_counter()
         per_client = await asyncio.gather(*(client_loop() for _ in range(concurrency)))
@@ -119,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-key", default=None)
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, seconds")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--structured", default="none", choices=("none", "json_object", "json_schema"),
+                   help="chat requests with this response_format (the grammar mask on) instead of completions")
     args = p.parse_args(argv)
 
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
@@ -131,10 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or models[0]["id"]
     body = {"model": model, "prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    rows = [asyncio.run(run_level(args.url, n, args.requests_per_client, body, args.api_key, args.timeout))
+    path = "/v1/completions"
+    if args.structured != "none":
+        path = "/v1/chat/completions"
+        body = {"model": model, "messages": [{"role": "user", "content": args.prompt}], "stream": True,
+                "max_tokens": args.max_tokens, "temperature": 0, "stream_options": {"include_usage": True},
+                "response_format": STRUCTURED[args.structured]}
+    rows = [asyncio.run(run_level(args.url, n, args.requests_per_client, body, args.api_key, args.timeout, path))
             for n in levels]
     print_table(rows)
     report = {"url": args.url, "model": model, "max_tokens": args.max_tokens, "prompt": args.prompt,
+              "structured": args.structured,
               "requests_per_client": args.requests_per_client, "cache_policy": models[0].get("cache_policy"),
               "levels": rows}
     if args.out:

@@ -16,6 +16,7 @@ forward through ``step_context``. When a cache layer type cannot be row-merged
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -27,7 +28,7 @@ from transformers import DynamicCache
 
 from engine.detok import IncrementalDetokenizer, StopStringHolder
 from engine.kv_rows import BatchKV, is_mergeable
-from engine.sampling import SamplingParams, make_generator, sample
+from engine.sampling import Sampled, SamplingParams, TokenConstraint, make_generator, sample, top_logprobs
 
 PREFILL, DECODE = 0, 1
 
@@ -53,6 +54,11 @@ class TokenEvent:
     finish_reason: str | None  # "stop" | "length" | "abort" | None
     num_prompt_tokens: int
     num_generated_tokens: int
+    logprob: float | None = None  # the model's log-probability of token_id (when asked for)
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, log-probability), best first
+    # First event only, when asked for: one entry per prompt token, None for the first token
+    # (nothing predicts it), else (its log-probability, the top alternatives).
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
 
 
 @dataclass
@@ -64,8 +70,10 @@ class _Sequence:
     generator: torch.Generator | None
     detok: IncrementalDetokenizer | None
     stops: StopStringHolder
+    constraint: TokenConstraint | None = None
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_logprobs: list | None = None  # computed at prefill, sent with the first event
 
     @property
     def num_tokens(self) -> int:
@@ -101,9 +109,10 @@ class BatchGenerator:
             max_model_len = getattr(config, "max_position_embeddings", None)
         self.max_model_len = max_model_len
         self.vocab_size = model.get_input_embeddings().num_embeddings
-        self.eos_token_ids = _eos_token_ids(model, tokenizer)
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.pad_token_id = _pad_token_id(model, tokenizer, self.eos_token_ids)
         self._step_context = step_context
+        self._cache_arg = cache_argument(model)
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []  # row order of self._kv
         self._kv: BatchKV | None = None
@@ -123,6 +132,10 @@ class BatchGenerator:
     @property
     def has_work(self) -> bool:
         return bool(self._running or self._waiting)
+
+    def kv_bytes(self) -> int:
+        """Bytes held by the running batch's KV cache now."""
+        return self._kv.nbytes() if self._kv is not None else 0
 
     def sequence_id(self, request_id: str) -> int:
         """The integer id that ``StepInfo.request`` uses for ``request_id``."""
@@ -153,6 +166,7 @@ class BatchGenerator:
             generator=make_generator(params, self.device),
             detok=IncrementalDetokenizer(self.tokenizer, prompt) if self.tokenizer is not None else None,
             stops=StopStringHolder(params.stop),
+            constraint=params.constraint.new() if params.constraint is not None else None,
         )
         self._by_id[request_id] = seq
         self._waiting.append(seq)
@@ -234,8 +248,13 @@ class BatchGenerator:
         request = request.masked_fill(mask == 0, -1)  # [B, S]
         cache = DynamicCache(config=self.model.config)
         kv = BatchKV(cache, mask.to(self.device))
-        logits = self._forward(input_ids, kv.mask, position, request, cache, PREFILL)
-        return kv, sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        scored = [i for i, s in enumerate(seqs) if s.params.prompt_logprobs is not None and s.prompt_logprobs is None]
+        logits = self._forward(input_ids, kv.mask, position, request, cache, PREFILL, all_positions=bool(scored))
+        if scored:
+            for i in scored:
+                seqs[i].prompt_logprobs = _prompt_logprobs(logits[i, width - len(rows[i]):], seqs[i])
+            logits = logits[:, -1, :]  # [B, V]
+        return kv, sample(logits, seqs)
 
     def _decode(self) -> list[int]:
         seqs = self._running
@@ -245,10 +264,12 @@ class BatchGenerator:
         request = torch.tensor([[s.seq_id] for s in seqs])  # [B, 1]
         kv.mask = torch.cat([kv.mask, kv.mask.new_ones(len(seqs), 1)], dim=1)  # [B, L+1]
         logits = self._forward(input_ids, kv.mask, position, request, kv.cache, DECODE)
-        return sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        return sample(logits, seqs)
 
-    def _forward(self, input_ids, mask, position, request, cache, phase: int) -> torch.Tensor:
-        """One model forward; returns the last position's logits ``[B, V]``."""
+    def _forward(self, input_ids, mask, position, request, cache, phase: int,
+                 all_positions: bool = False) -> torch.Tensor:
+        """One model forward; returns the last position's logits ``[B, V]`` (every position's,
+        ``[B, S, V]``, with ``all_positions``)."""
         dev = self.device
         input_ids, position, request = input_ids.to(dev), position.to(dev), request.to(dev)
         ctx = contextlib.nullcontext()
@@ -266,20 +287,27 @@ class BatchGenerator:
                 input_ids=input_ids,
                 attention_mask=mask,
                 position_ids=position.clamp(min=0),
-                past_key_values=cache,
                 use_cache=True,
-                logits_to_keep=1,
+                **{self._cache_arg: cache},
+                logits_to_keep=0 if all_positions else 1,
             )
-        return out.logits[:, -1, :]  # [B, V]
+        return out.logits if all_positions else out.logits[:, -1, :]  # [B, S, V] or [B, V]
 
     # ---- tokens to events -------------------------------------------------------------------
 
-    def _emit(self, seqs: list[_Sequence], tokens: list[int]) -> list[TokenEvent]:
+    def _emit(self, seqs: list[_Sequence], tokens: list[Sampled]) -> list[TokenEvent]:
         return [self._append(s, t) for s, t in zip(seqs, tokens, strict=True)]
 
-    def _append(self, seq: _Sequence, token: int) -> TokenEvent:
-        seq.generated.append(token)
+    def _append(self, seq: _Sequence, sampled: Sampled) -> TokenEvent:
         p = seq.params
+        if p.max_tokens == 0:  # scoring only: the prompt's log-probabilities, no token
+            seq.finish_reason = "length"
+            self._by_id.pop(seq.request_id, None)
+            return self._event(seq, None, "")
+        token = sampled.token
+        seq.generated.append(token)
+        if seq.constraint is not None:
+            seq.constraint.accept(token)
         text = ""
         if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
             # The stop token itself is not text; release what was held back for it.
@@ -297,7 +325,7 @@ class BatchGenerator:
                 seq.finish_reason = "stop" if seq.stops.hit else "length"
         if seq.finish_reason is not None:
             self._by_id.pop(seq.request_id, None)
-        return self._event(seq, token, text)
+        return self._event(seq, token, text, sampled)
 
     @staticmethod
     def _finish_text(seq: _Sequence) -> str:
@@ -307,7 +335,10 @@ class BatchGenerator:
         return text + seq.stops.flush()
 
     @staticmethod
-    def _event(seq: _Sequence, token: int | None, text: str) -> TokenEvent:
+    def _event(seq: _Sequence, token: int | None, text: str, sampled: Sampled | None = None) -> TokenEvent:
+        prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
+        if prompt_logprobs is not None:
+            seq.prompt_logprobs = []  # sent once; [] marks "done" so a re-prefill does not score again
         return TokenEvent(
             request_id=seq.request_id,
             token_id=token,
@@ -316,6 +347,9 @@ class BatchGenerator:
             finish_reason=seq.finish_reason,
             num_prompt_tokens=len(seq.prompt),
             num_generated_tokens=len(seq.generated),
+            logprob=sampled.logprob if sampled is not None else None,
+            top_logprobs=sampled.top_logprobs if sampled is not None else None,
+            prompt_logprobs=prompt_logprobs or None,
         )
 
     def _drop_finished(self) -> None:
@@ -351,7 +385,23 @@ def generate(
         yield from gen.step()
 
 
-def _eos_token_ids(model, tokenizer) -> frozenset[int]:
+def _prompt_logprobs(logits: torch.Tensor, seq: _Sequence) -> list:
+    """Each prompt token's log-probability under the positions before it (``logits [P, V]``)."""
+    logp = torch.log_softmax(logits[:-1].float(), dim=-1)  # [P-1, V]: position j predicts token j+1
+    targets = torch.tensor(seq.prompt[1:], dtype=torch.long, device=logp.device)
+    chosen = logp.gather(-1, targets[:, None])[:, 0].tolist()  # sync: returned to the client
+    k = seq.params.prompt_logprobs
+    return [None] + [(c, top_logprobs(logp[j], k)) for j, c in enumerate(chosen)]
+
+
+def cache_argument(model) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` (the old name warns, then goes away);
+    use whichever this version's forward declares."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def eos_token_ids(model, tokenizer) -> frozenset[int]:
+    """The ids that end a sequence: the generation config's and the tokenizer's."""
     ids: set[int] = set()
     sources = [getattr(getattr(model, "generation_config", None), "eos_token_id", None)]
     if tokenizer is not None:

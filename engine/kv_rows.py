@@ -53,6 +53,16 @@ class BatchKV:
     def length(self) -> int:
         return self.mask.shape[1]
 
+    def nbytes(self) -> int:
+        """Bytes of every tensor the cache layers hold."""
+        total = 0
+        for layer in self.cache.layers:
+            for name in ("keys", "values"):
+                tensor = getattr(layer, name, None)
+                if isinstance(tensor, torch.Tensor):
+                    total += tensor.numel() * tensor.element_size()
+        return total
+
     def select(self, rows: list[int]) -> None:
         """Keep only ``rows`` (in that order), then drop leading all-padding columns."""
         if rows == list(range(self.num_rows)):

@@ -20,9 +20,10 @@ from typing import Any
 from fastapi import FastAPI
 
 from engine.errors import MoepagerError
+from server import budget
 from server.errors import install_error_handlers
 from server.metrics import ServerMetrics
-from server.routers import admin, chat, completions, models, system
+from server.routers import admin, chat, completions, models, system, tokenize
 from server.scheduler import Scheduler
 from server.settings import ServerSettings
 
@@ -47,8 +48,17 @@ def attach_engine(app: FastAPI, engine: Any, loop: asyncio.AbstractEventLoop) ->
     max_model_len = settings.max_model_len or engine_len
     if engine_len and max_model_len > engine_len:
         raise MoepagerError(f"--max-model-len {max_model_len} exceeds the model's maximum {engine_len}")
+    per_token = budget.kv_bytes_per_token(engine)
+    kv_budget = settings.kv_cache_bytes
+    if kv_budget is None:
+        kv_budget = budget.default_kv_budget(per_token, settings.max_num_seqs, max_model_len,
+                                             budget.free_memory_bytes(engine.device))
+    log.info("KV cache budget %.3f GB (%s): %d bytes per token, %d full-length sequences of %d tokens",
+             kv_budget / 1e9, "--kv-cache-gb" if settings.kv_cache_bytes else "default: sized from free memory",
+             per_token, kv_budget // max(1, per_token * max_model_len), max_model_len)
     scheduler = Scheduler(engine, max_num_seqs=settings.max_num_seqs, max_queued=settings.max_queued,
-                          max_model_len=max_model_len, metrics=app.state.metrics)
+                          max_model_len=max_model_len, metrics=app.state.metrics, kv_budget_bytes=kv_budget,
+                          kv_bytes_per_token=per_token)
     scheduler.start(loop)
     app.state.engine = engine
     app.state.scheduler = scheduler  # set last: handlers check it to decide "ready"
@@ -97,6 +107,6 @@ def create_app(engine_or_loader: Any, settings: ServerSettings | None = None, *,
     app.state.started_at = time.time()
     app.state.metrics = ServerMetrics(lambda: app.state.engine)
     install_error_handlers(app)
-    for module in (chat, completions, models, admin, system):
+    for module in (chat, completions, tokenize, models, admin, system):
         app.include_router(module.router)
     return app

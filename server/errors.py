@@ -21,6 +21,7 @@ log = logging.getLogger("moepager.server")
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
@@ -61,10 +62,31 @@ def _count_rejection(request: Request, reason: str) -> None:
         metrics.requests_rejected.labels(reason=reason).inc()
 
 
+def _unsupported_fields(errors: list[dict]) -> tuple[str, str | None] | None:
+    """One message naming every field the request sent that moepager does not take."""
+    from server.protocol import UNSUPPORTED_FIELDS
+
+    names = []
+    for e in errors:
+        if e.get("type") == "extra_forbidden":
+            names.append(".".join(str(p) for p in e.get("loc", ()) if p != "body"))
+    if not names:
+        return None
+    reasons = []
+    for name in names:
+        reason = UNSUPPORTED_FIELDS.get(name.rsplit(".", 1)[-1])
+        reasons.append(f"{name} ({reason})" if reason else f"{name} (unrecognized request argument)")
+    plural = "s" if len(names) > 1 else ""
+    return f"unsupported field{plural}: {'; '.join(reasons)}", names[0]
+
+
 def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
+    unsupported = _unsupported_fields(errors)
+    if unsupported is not None:
+        return unsupported
     first = errors[0]
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None

@@ -30,7 +30,8 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 # Every metric name this module exports (without the _total/_bucket suffixes Prometheus adds).
 SERVING_METRICS = ("num_requests_running", "num_requests_waiting", "time_to_first_token_seconds",
                    "inter_token_latency_seconds", "e2e_request_latency_seconds", "prompt_tokens_total",
-                   "generation_tokens_total", "request_success_total", "requests_rejected_total")
+                   "generation_tokens_total", "request_success_total", "requests_rejected_total",
+                   "kv_cache_used_bytes", "kv_cache_reserved_bytes", "kv_cache_budget_bytes")
 OFFLOAD_METRICS = ("expert_cache_queries_total", "expert_cache_hits_total", "expert_transfer_bytes_total",
                    "expert_stall_seconds_total", "expert_prefetch_issued_total", "expert_prefetch_useful_total",
                    "expert_prefetch_wasted_total", "expert_prefetch_late_total", "expert_cache_capacity_bytes",
@@ -119,9 +120,15 @@ class ServerMetrics:
                                        ["finished_reason"], registry=r)
         self.requests_rejected = Counter(PREFIX + "requests_rejected", "Requests refused before generation",
                                          ["reason"], registry=r)
+        self.kv_used = Gauge(PREFIX + "kv_cache_used_bytes", "Bytes held by the KV cache of the running batch",
+                             registry=r)
+        self.kv_reserved = Gauge(PREFIX + "kv_cache_reserved_bytes",
+                                 "KV bytes reserved by admitted sequences (worst case: prompt + max tokens)",
+                                 registry=r)
+        self.kv_budget = Gauge(PREFIX + "kv_cache_budget_bytes", "KV cache budget (--kv-cache-gb)", registry=r)
         for reason in ("stop", "length", "abort"):
             self.request_success.labels(finished_reason=reason)
-        for reason in ("invalid_request", "unauthorized", "not_found", "queue_full", "unavailable"):
+        for reason in ("invalid_request", "unauthorized", "not_found", "queue_full", "unavailable", "kv_budget"):
             self.requests_rejected.labels(reason=reason)
         r.register(EngineCollector(get_engine))
 

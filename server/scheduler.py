@@ -5,7 +5,13 @@ the event loop never call the engine; they post commands (add, remove, call) to 
 worker drains between ``BatchGenerator.step()`` calls, so sequences join and leave the batch
 at step boundaries. Token events flow back through one ``asyncio.Queue`` per sequence via
 ``loop.call_soon_threadsafe``. Admission is decided on the loop side before anything is
-queued: a full waiting queue is a 429, never unbounded memory. Serving metrics (TTFT, ITL,
+queued: a full waiting queue is a 429, never unbounded memory.
+
+KV memory: each sequence's worst case (prompt + max tokens) is reserved before it joins the
+batch. The batch cache is a rectangle (rows are left-padded to the longest), so the check is
+``rows x longest worst case x bytes per token <= budget``; a sequence that does not fit waits
+(FIFO) until others finish, and one that could never fit is refused at submission. Nothing is
+allocated for a sequence before its reservation holds. Serving metrics (TTFT, ITL,
 e2e, token counts) are recorded here, where every token passes exactly once, so they are
 right for streaming, non-streaming and disconnected clients alike.
 """
@@ -17,6 +23,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +33,10 @@ log = logging.getLogger("moepager.scheduler")
 
 class QueueFullError(Exception):
     """The waiting queue cannot take the request now; retry later."""
+
+
+class KVBudgetError(Exception):
+    """A sequence's worst case exceeds the whole KV budget: it can never run."""
 
 
 @dataclass
@@ -72,8 +83,12 @@ class SequenceStream:
 
 class Scheduler:
     def __init__(self, engine: Any, *, max_num_seqs: int, max_queued: int, max_model_len: int,
-                 metrics: Any = None) -> None:
+                 metrics: Any = None, kv_budget_bytes: int | None = None, kv_bytes_per_token: int = 0) -> None:
         self.engine = engine
+        self.kv_budget_bytes = kv_budget_bytes
+        self.kv_bytes_per_token = kv_bytes_per_token
+        self._pending: deque[tuple[str, list[int], Any, int]] = deque()  # worker thread only
+        self._reserved: dict[str, int] = {}  # admitted sequence -> worst-case tokens; worker thread only
         self.max_num_seqs = max_num_seqs
         self.max_queued = max_queued
         self.max_model_len = max_model_len
@@ -121,6 +136,14 @@ class Scheduler:
         """Admit all sequences of one request or none of them (QueueFullError)."""
         now = time.perf_counter()
         streams = []
+        if self.kv_budget_bytes is not None:
+            for _, prompt_ids, params in items:
+                need = (len(prompt_ids) + params.max_tokens) * self.kv_bytes_per_token
+                if need > self.kv_budget_bytes:
+                    raise KVBudgetError(
+                        f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs "
+                        f"{need / 1e6:.1f} MB of KV cache; the whole budget is {self.kv_budget_bytes / 1e6:.1f} MB "
+                        "(--kv-cache-gb); lower max_tokens")
         with self._lock:
             total = len(self._active) + len(items)
             if total - min(total, self.max_num_seqs) > self.max_queued:
@@ -169,6 +192,7 @@ class Scheduler:
             self._drain_commands(block=not gen.has_work)
             if self._stopping.is_set():
                 break
+            self._admit()
             if not gen.has_work:
                 continue
             try:
@@ -181,6 +205,7 @@ class Scheduler:
                 self._dispatch(event)
             self._running = gen.num_running
             self._update_gauges()
+            self._update_kv_gauges()
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -195,15 +220,39 @@ class Scheduler:
                 return
 
     def _add(self, request_id: str, prompt_ids: list[int], params: Any) -> None:
-        if request_id not in self._active:
-            return  # aborted before it reached the engine
-        try:
-            self._generator.add(request_id, prompt_ids, params)
-        except Exception as exc:  # noqa: BLE001 - a rejected sequence fails alone
-            self._deliver_error(request_id, exc)
+        if request_id in self._active:  # else aborted before it reached the worker
+            self._pending.append((request_id, prompt_ids, params, len(prompt_ids) + params.max_tokens))
+
+    def _fits(self, worst: int) -> bool:
+        if self.kv_budget_bytes is None:
+            return True
+        return self._kv_reserved_bytes(extra=worst) <= self.kv_budget_bytes
+
+    def _kv_reserved_bytes(self, extra: int | None = None) -> int:
+        rows = len(self._reserved) + (extra is not None)
+        longest = max([*self._reserved.values(), extra or 0], default=0)
+        return rows * longest * self.kv_bytes_per_token
+
+    def _admit(self) -> None:
+        """Move waiting sequences into the generator while their KV reservation fits (FIFO)."""
+        while self._pending:
+            request_id, prompt_ids, params, worst = self._pending[0]
+            if request_id not in self._active:
+                self._pending.popleft()
+                continue
+            if self._reserved and not self._fits(worst):
+                return
+            self._pending.popleft()
+            self._reserved[request_id] = worst
+            try:
+                self._generator.add(request_id, prompt_ids, params)
+            except Exception as exc:  # noqa: BLE001 - a rejected sequence fails alone
+                self._reserved.pop(request_id, None)
+                self._deliver_error(request_id, exc)
         self._running = self._generator.num_running
 
     def _remove(self, request_id: str) -> None:
+        self._reserved.pop(request_id, None)
         try:
             self._generator.remove(request_id)
         except (KeyError, ValueError):
@@ -212,6 +261,8 @@ class Scheduler:
 
     def _dispatch(self, event: Any) -> None:
         seq = self._active.get(event.request_id)
+        if event.finished:
+            self._reserved.pop(event.request_id, None)
         if seq is None or seq.finished:
             return  # aborted: the client is gone
         now = time.perf_counter()
@@ -255,6 +306,13 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.running.set(self.num_running)
             self.metrics.waiting.set(self.num_waiting)
+
+    def _update_kv_gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.kv_used.set(self._generator.kv_bytes())
+            self.metrics.kv_reserved.set(self._kv_reserved_bytes())
+            if self.kv_budget_bytes is not None:
+                self.metrics.kv_budget.set(self.kv_budget_bytes)
 
 
 def _set_result(future: asyncio.Future, result: Any) -> None:

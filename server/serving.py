@@ -12,15 +12,16 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 
 from engine.generation import SamplingParams
+from server import tools as tools_mod
 from server.errors import APIError, error_body
 from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, UsageInfo
-from server.scheduler import QueueFullError, Scheduler, SequenceStream
+from server.scheduler import KVBudgetError, QueueFullError, Scheduler, SequenceStream
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DISCONNECT_POLL_S = 0.25
@@ -48,6 +49,28 @@ def check_api_key(request: Request) -> None:
         raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')")
 
 
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_admin(request: Request) -> None:
+    """Admin routes: the API key when one is set; refused off loopback without one."""
+    settings = request.app.state.settings
+    if settings.api_key:
+        check_api_key(request)
+    elif not is_loopback(settings.host):
+        raise APIError(403, f"admin routes are disabled: the server listens on {settings.host} without an API "
+                       "key; start it with --api-key (or $MOEPAGER_API_KEY), or bind to 127.0.0.1",
+                       reason="forbidden")
+
+
 def served_model_name(request: Request) -> str:
     state = request.app.state
     return state.settings.served_model_name or getattr(state.engine, "model_name", None) or "moepager"
@@ -68,31 +91,57 @@ def _require_tokenizer(tokenizer: Any, what: str) -> None:
                        "/v1/completions", param="prompt")
 
 
-def chat_prompt_ids(tokenizer: Any, body: ChatCompletionRequest) -> list[int]:
+def chat_template(request: Request) -> str | None:
+    """The template in effect: ``--chat-template`` if given, else the tokenizer's."""
+    override = request.app.state.settings.chat_template
+    tokenizer = request.app.state.engine.tokenizer
+    return override or getattr(tokenizer, "chat_template", None)
+
+
+def render_chat(tokenizer: Any, template: str | None, messages: list[Any], tools: list[dict] | None = None,
+                add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a conversation, through the chat template."""
     _require_tokenizer(tokenizer, "chat messages")
     try:
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
+        history = [tools_mod.history_message(m) for m in messages]
     except ValueError as exc:
         raise APIError(400, str(exc), param="messages") from None
-    if getattr(tokenizer, "chat_template", None):
+    if template:
+        kwargs: dict[str, Any] = {"chat_template": template}
+        if tools:
+            kwargs["tools"] = tools
         try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = tokenizer.apply_chat_template(history, add_generation_prompt=add_generation_prompt,
+                                                 tokenize=False, **kwargs)
         except Exception as exc:  # noqa: BLE001 - templates raise jinja errors for bad conversations
             raise APIError(400, f"chat template rejected the messages: {exc}", param="messages") from None
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if tools:
+        raise APIError(400, "this model has no chat template, so it cannot be given tools", param="tools")
     # Models without a chat template (random test models): a plain "role: content" transcript.
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in history)
+    if add_generation_prompt:
+        text += "assistant:"
     return list(tokenizer(text)["input_ids"])
+
+
+def chat_prompt_ids(request: Request, body: ChatCompletionRequest) -> list[int]:
+    tokenizer = request.app.state.engine.tokenizer
+    _require_tokenizer(tokenizer, "chat messages")
+    template = chat_template(request)
+    return render_chat(tokenizer, template, body.messages, tools_mod.template_tools(template, body))
 
 
 def completion_prompts(tokenizer: Any, body: CompletionRequest, vocab_size: int) -> list[list[int]]:
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-        bad = [t for t in prompt if not 0 <= t < vocab_size]
-        if bad:
-            raise APIError(400, f"token id {bad[0]} is out of range [0, {vocab_size})", param="prompt")
-        return [list(prompt)]
+        prompt = [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, list) for t in prompt):
+        for ids in prompt:
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise APIError(400, f"token id {bad[0]} is out of range [0, {vocab_size})", param="prompt")
+        return [list(ids) for ids in prompt]
     texts = [prompt] if isinstance(prompt, str) else list(prompt)
     if texts:
         _require_tokenizer(tokenizer, "text prompts")
@@ -108,9 +157,21 @@ def vocab_size(engine: Any) -> int:
     return int(size) if size else len(engine.tokenizer)
 
 
+def logit_bias(body: SamplingFields, vocab: int) -> dict[int, float]:
+    bias = {}
+    for key, value in (body.logit_bias or {}).items():
+        token = int(key)
+        if token >= vocab:
+            raise APIError(400, f"logit_bias: token id {token} is out of range [0, {vocab})", param="logit_bias")
+        bias[token] = value
+    return bias
+
+
 def prepare(request: Request, body: SamplingFields, prompts: list[list[int]], default_max_tokens: int | None,
-            requested_max_tokens: int | None) -> list[list[Any]]:
+            requested_max_tokens: int | None, *, logprobs: int | None = None, prompt_logprobs: int | None = None,
+            constraint: Any = None) -> list[list[Any]]:
     scheduler: Scheduler = request.app.state.scheduler
+    bias = logit_bias(body, vocab_size(request.app.state.engine))
     max_len = scheduler.max_model_len
     total = len(prompts) * body.n
     limit = scheduler.max_num_seqs + scheduler.max_queued
@@ -123,7 +184,8 @@ def prepare(request: Request, body: SamplingFields, prompts: list[list[int]], de
     for prompt_ids in prompts:
         if not prompt_ids:
             raise APIError(400, "prompt must contain at least one token", param="prompt")
-        if len(prompt_ids) >= max_len:
+        scoring_only = requested_max_tokens == 0
+        if len(prompt_ids) > max_len or (len(prompt_ids) == max_len and not scoring_only):
             raise APIError(400, f"prompt has {len(prompt_ids)} tokens; the maximum context length is {max_len} "
                            "and at least one token must be generated", param="prompt",
                            code="context_length_exceeded")
@@ -139,7 +201,11 @@ def prepare(request: Request, body: SamplingFields, prompts: list[list[int]], de
         per_choice = []
         for i in range(body.n):
             kwargs: dict[str, Any] = {"max_tokens": max_tokens, "stop": body.stop_list(),
-                                      "ignore_eos": body.ignore_eos}
+                                      "ignore_eos": body.ignore_eos, "logit_bias": bias, "logprobs": logprobs,
+                                      "prompt_logprobs": prompt_logprobs, "constraint": constraint}
+            for name in ("min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+                if getattr(body, name) is not None:
+                    kwargs[name] = getattr(body, name)
             if body.temperature is not None:
                 kwargs["temperature"] = body.temperature
             if body.top_p is not None:
@@ -165,6 +231,8 @@ def submit(request: Request, request_id: str, prompts: list[list[int]], params: 
         return scheduler.submit_group(items)
     except QueueFullError as exc:
         raise APIError(429, f"server is busy: {exc}", headers={"Retry-After": "1"}, reason="queue_full") from None
+    except KVBudgetError as exc:
+        raise APIError(400, str(exc), param="max_tokens", reason="kv_budget") from None
 
 
 # ---- consuming token events ---------------------------------------------------------------
@@ -211,6 +279,22 @@ class ChoiceResult:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[tuple[int, float, list]] = field(default_factory=list)  # (token, logprob, top)
+    prompt_logprobs: list | None = None
+
+    def add(self, event: Any) -> None:
+        self.text += event.text
+        self.prompt_tokens = event.num_prompt_tokens
+        self.completion_tokens = event.num_generated_tokens
+        if event.token_id is not None:
+            self.token_ids.append(event.token_id)
+            if event.logprob is not None:
+                self.logprobs.append((event.token_id, event.logprob, event.top_logprobs or []))
+        if event.prompt_logprobs is not None:
+            self.prompt_logprobs = event.prompt_logprobs
+        if event.finished:
+            self.finish_reason = event.finish_reason
 
 
 async def collect(request: Request, streams: list[SequenceStream]) -> list[ChoiceResult]:
@@ -219,12 +303,7 @@ async def collect(request: Request, streams: list[SequenceStream]) -> list[Choic
 
     async def consume() -> None:
         async for index, event in merged_events(streams):
-            r = results[index]
-            r.text += event.text
-            r.prompt_tokens = event.num_prompt_tokens
-            r.completion_tokens = event.num_generated_tokens
-            if event.finished:
-                r.finish_reason = event.finish_reason
+            results[index].add(event)
 
     async def watch_disconnect() -> None:
         while not await request.is_disconnected():
@@ -266,11 +345,12 @@ def sse(payload: Any) -> str:
 
 
 async def stream_events(streams: list[SequenceStream], n: int, include_usage: bool,
-                        start: Callable[[], list[Any]], delta: Callable[[int, str], Any],
-                        finish: Callable[[int, str], Any], usage_chunk: Callable[[UsageInfo], Any]
+                        start: Callable[[], list[Any]], delta: Callable[[int, Any], list[Any]],
+                        finish: Callable[[int, str], list[Any]], usage_chunk: Callable[[UsageInfo], Any]
                         ) -> AsyncIterator[str]:
-    """SSE body: opening chunks, content deltas, one finish chunk per choice, usage, [DONE].
+    """SSE body: opening chunks, deltas, the finish chunks of each choice, usage, [DONE].
 
+    ``delta(index, event)`` and ``finish(index, reason)`` return the chunks to send (maybe none).
     The sequences are aborted if the client goes away (the generator is closed or cancelled).
     """
     results = [ChoiceResult() for _ in streams]
@@ -282,10 +362,11 @@ async def stream_events(streams: list[SequenceStream], n: int, include_usage: bo
                 r = results[index]
                 r.prompt_tokens = event.num_prompt_tokens
                 r.completion_tokens = event.num_generated_tokens
-                if event.text:
-                    yield sse(delta(index, event.text))
+                for chunk in delta(index, event):
+                    yield sse(chunk)
                 if event.finished:
-                    yield sse(finish(index, event.finish_reason))
+                    for chunk in finish(index, event.finish_reason):
+                        yield sse(chunk)
         except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band
             yield sse(error_body(500, f"generation failed: {exc}"))
         else:
@@ -298,3 +379,53 @@ async def stream_events(streams: list[SequenceStream], n: int, include_usage: bo
 
 def now_s() -> int:
     return int(time.time())
+
+
+# ---- structured output --------------------------------------------------------------------
+def grammar_constraint(request: Request, grammar: Any, param: str) -> Any:
+    """A compiled grammar for the sampler (``engine.grammar``); 400 naming ``param`` if it fails."""
+    from engine.generation import eos_token_ids
+    from engine.grammar import GrammarError, GrammarFactory
+
+    engine = request.app.state.engine
+    _require_tokenizer(engine.tokenizer, param)
+    try:
+        return GrammarFactory(engine.tokenizer, grammar(), vocab_size(engine),
+                              eos_token_ids(engine.model, engine.tokenizer))
+    except ImportError:
+        raise APIError(400, f"{param} needs the llguidance package (pip install 'moepager[server]')",
+                       param=param) from None
+    except (GrammarError, ValueError, TypeError, RuntimeError) as exc:
+        raise APIError(400, f"{param}: the grammar cannot be built: {exc}", param=param) from None
+
+
+def chat_constraint(request: Request, body: ChatCompletionRequest) -> Any:
+    """The grammar a chat request asks for: a forced tool call or a response format; or None."""
+    from engine import grammar
+
+    forced = tools_mod.forced_tools(body)
+    fmt = body.response_format
+    wants_json = fmt is not None and fmt.type != "text"
+    if forced is not None and wants_json:
+        raise APIError(400, "response_format cannot be combined with tool_choice 'required' or a named "
+                       "function (the output must be a tool call)", param="response_format")
+    if forced is not None:
+        specs, multiple = forced
+        return grammar_constraint(request, lambda: grammar.tool_call_grammar(specs, multiple), "tool_choice")
+    if wants_json:
+        schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
+        if fmt.type == "json_schema" and schema is None:
+            schema = {}
+        return grammar_constraint(request, lambda: grammar.json_schema_grammar(schema), "response_format")
+    return None
+
+
+def prompt_text(tokenizer: Any, body: CompletionRequest, index: int, prompt_ids: list[int]) -> str:
+    """The prompt as text, for ``echo``: the string sent, or the decoded token ids."""
+    if isinstance(body.prompt, str):
+        return body.prompt
+    if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[index], str):
+        return body.prompt[index]
+    if tokenizer is None:
+        return ""
+    return tokenizer.decode(prompt_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)

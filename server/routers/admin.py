@@ -1,6 +1,8 @@
 """Offload introspection and control: ``GET /v1/expert_stats``, ``POST /v1/admin/cache_policy``.
 
-Both run on the engine's worker thread between steps (the engine is not thread-safe), so a
+Admin routes need the API key when one is set, and are refused on a non-loopback bind without
+one (anyone who can reach the port could otherwise change the engine). Both run on the engine's
+worker thread between steps (the engine is not thread-safe), so a
 policy switch lands at a step boundary and never under a running layer.
 """
 
@@ -22,8 +24,8 @@ async def expert_stats(request: Request) -> dict:
     return await scheduler.call(lambda engine: engine.expert_stats())
 
 
-@router.post("/v1/admin/cache_policy", dependencies=[Depends(serving.check_api_key)],
-             responses={code: {"model": ErrorResponse} for code in (400, 401, 503)})
+@router.post("/v1/admin/cache_policy", dependencies=[Depends(serving.check_admin)],
+             responses={code: {"model": ErrorResponse} for code in (400, 401, 403, 503)})
 async def set_cache_policy(body: CachePolicyRequest, request: Request) -> dict:
     scheduler = serving.ready_scheduler(request)
 

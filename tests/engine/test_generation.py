@@ -360,6 +360,24 @@ def test_incremental_detokenizer_never_splits_characters(tokenizer):
     assert not any("\ufffd" in d for d in deltas)
 
 
+def test_decode_stream_and_window_fallback_agree(tokenizer):
+    class NoBackend:  # a tokenizer without tokenizers' DecodeStream: the decode-window path
+        def __init__(self, tok):
+            self.decode = tok.decode
+
+    text = "über café 日本語 🙂 stop"
+    ids, prompt = tokenizer.encode(text), tokenizer.encode("the ")
+    streamed = IncrementalDetokenizer(tokenizer, prompt)
+    windowed = IncrementalDetokenizer(NoBackend(tokenizer), prompt)
+    assert streamed._stream is not None and windowed._stream is None
+    out = {}
+    for name, detok in (("stream", streamed), ("window", windowed)):
+        deltas = [detok.push(t) for t in ids] + [detok.flush()]
+        assert not any("\ufffd" in d for d in deltas)
+        out[name] = "".join(deltas)
+    assert out["stream"] == out["window"] == text
+
+
 def test_stop_string_holder_holds_possible_prefixes():
     h = StopStringHolder(("STOP", "end."))
     assert h.push("abc S") == "abc "
@@ -419,3 +437,40 @@ def test_tokenizer_eos_is_used_and_not_emitted(tokenizer):
     generated = ref[: ref.index(fake_eos)]
     assert texts["r"] == tokenizer.decode(generated, skip_special_tokens=True)
     assert tokenizer.eos_token_id in BatchGenerator(model, tokenizer, "cpu").eos_token_ids
+
+
+# ---- log-probabilities and scoring ----------------------------------------------------------
+
+def test_logprobs_and_prompt_logprobs_equal_the_models_in_a_padded_batch():
+    model = tiny_model()
+    gen = BatchGenerator(model, None, "cpu")
+    scored = SamplingParams(max_tokens=0, prompt_logprobs=2)
+    sampled = SamplingParams(max_tokens=3, temperature=0.0, logprobs=1)
+    _, _, events = run(gen, {0: [("long", PROMPTS[0], scored), ("short", PROMPTS[1], scored),
+                                 ("gen", PROMPTS[2], sampled)]})
+    for rid, prompt in (("long", PROMPTS[0]), ("short", PROMPTS[1])):
+        (event,) = events[rid]
+        assert event.finished and event.finish_reason == "length" and event.token_id is None
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), dim=-1)
+        got = event.prompt_logprobs
+        assert got[0] is None and len(got) == len(prompt)
+        for j in range(1, len(prompt)):
+            assert got[j][0] == pytest.approx(float(logp[j - 1, prompt[j]]), abs=1e-4)
+            assert [t for t, _ in got[j][1]] == torch.topk(logp[j - 1], 2).indices.tolist()
+    tokens = [e.token_id for e in events["gen"]]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([PROMPTS[2] + tokens])).logits[0].float(), dim=-1)
+    for k, e in enumerate(events["gen"]):
+        row = logp[len(PROMPTS[2]) - 1 + k]
+        assert e.logprob == pytest.approx(float(row[e.token_id]), abs=1e-4)
+        assert e.top_logprobs[0][0] == e.token_id  # greedy
+
+
+def test_zero_max_tokens_needs_prompt_logprobs():
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="min_p"):
+        SamplingParams(min_p=1.5)
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={-1: 1.0})

@@ -63,7 +63,7 @@ def test_chat_completion(client):
 def test_chat_content_parts_and_developer_role(client):
     messages = [{"role": "developer", "content": "be brief"},
                 {"role": "user", "content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "there"}]}]
-    r = client.post("/v1/chat/completions", json={**CHAT, "messages": messages, "unknown_field": {"x": 1}})
+    r = client.post("/v1/chat/completions", json={**CHAT, "messages": messages, "user": None})
     assert r.status_code == 200, r.text
 
 
@@ -237,3 +237,16 @@ def test_draining_refuses_new_requests(engine):
         begin_drain(app)
         assert c.get("/health").status_code == 503
         assert_error(c.post("/v1/completions", json={"prompt": "a"}), 503)
+
+
+def test_admin_needs_a_key_off_loopback(engine):
+    with TestClient(make_app(engine, host="0.0.0.0")) as c:
+        error = assert_error(c.post("/v1/admin/cache_policy", json={"policy": "lru"}), 403)
+        assert "--api-key" in error["message"]
+        assert c.post("/v1/chat/completions", json=CHAT).status_code == 200  # the API itself stays open
+    with TestClient(make_app(engine, host="0.0.0.0", api_key="k")) as c:
+        assert_error(c.post("/v1/admin/cache_policy", json={"policy": "lru"}), 401)
+        ok = c.post("/v1/admin/cache_policy", json={"policy": "lru"}, headers={"Authorization": "Bearer k"})
+        assert ok.status_code == 200
+    with TestClient(make_app(engine, host="::1")) as c:
+        assert c.post("/v1/admin/cache_policy", json={"policy": "lru"}).status_code == 200

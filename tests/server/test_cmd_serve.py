@@ -47,7 +47,7 @@ def _wait_healthy(proc, base: str, timeout_s: float = 90) -> None:
 def test_serve_loads_then_drains_on_sigterm(server_model_dir):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = moepager("serve", "--model", str(server_model_dir), "--device", "cpu", "--port", str(port),
+    proc = moepager("serve", str(server_model_dir), "--device", "cpu", "--port", str(port),
                     "--expert-slots", "4", "--served-model-name", "tiny", "--log-level", "warning")
     try:
         _wait_healthy(proc, base)
@@ -103,3 +103,41 @@ def test_serve_without_model_answers_chat_with_the_embedded_model():
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_help_shows_defaults_and_hides_the_key(monkeypatch, capsys):
+    from server.cli import main
+
+    monkeypatch.setenv("MOEPAGER_API_KEY", "do-not-print")
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "do-not-print" not in out
+    for default in ("--dtype", "--expert-cache-gb", "--kv-cache-gb"):
+        assert default in out
+    assert out.count("(default: auto)") >= 3 and "(default: 127.0.0.1)" in out and "(default: 16)" in out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["serve", "a", "--model", "b"], "give the model once"),
+    (["serve", "--chat-template", "/no/such/template.jinja"], "--chat-template"),
+    (["serve", "--kv-cache-gb", "-1"], None),
+])
+def test_serve_flag_errors_are_one_line(argv, message, capsys):
+    from server.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse rejects the value itself
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    if message:
+        assert message in err
+
+
+def test_dtype_auto_is_the_checkpoints(server_model_dir):
+    from server.flags import checkpoint_dtype
+
+    assert checkpoint_dtype(None) == "bfloat16"  # the embedded model's config.json
+    assert checkpoint_dtype(str(server_model_dir)) == "float32"
