@@ -49,7 +49,10 @@ def parse_serve_args(serve_args: list[str]) -> argparse.Namespace:
         raise ValueError("--host/--port are set by Ray Serve's http_options, not in serve_args")
     parser = argparse.ArgumentParser(prog="moepager")
     add_parser(parser.add_subparsers())
-    return parser.parse_args(["serve", *serve_args])
+    try:
+        return parser.parse_args(["serve", *serve_args])
+    except SystemExit:  # argparse printed the reason on stderr
+        raise ValueError(f"invalid serve_args {serve_args!r} (see the message above)") from None
 
 
 class MoepagerReplica:

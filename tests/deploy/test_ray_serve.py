@@ -136,3 +136,19 @@ def test_killing_a_replica_mid_load_loses_no_request(base_url):
     served_by = {r.headers["x-moepager-replica"] for r in responses}
     assert served_by - {victim}, served_by  # the survivor (or a replacement) finished the load
     assert all(r.json()["choices"][0]["finish_reason"] in ("stop", "length") for r in responses)
+
+
+def test_config_file_builds_the_app():
+    yaml = pytest.importorskip("yaml")
+    from deploy.ray.app import AppArgs, build_app, parse_serve_args
+
+    config = yaml.safe_load((ROOT / "deploy/ray/config.yaml").read_text())
+    (application,) = config["applications"]
+    assert application["import_path"] == "deploy.ray.app:build_app"
+    args = AppArgs(**application["args"])
+    assert parse_serve_args(args.serve_args).max_num_seqs == 16
+    assert build_app(application["args"]) is not None
+    with pytest.raises(ValueError, match="http_options"):
+        build_app({"serve_args": ["--port", "9000"]})
+    with pytest.raises(ValueError, match="invalid serve_args"):
+        build_app({"serve_args": ["--cache-policy", "no-such-policy"]})
