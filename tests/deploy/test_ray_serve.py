@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from manifest_names import KV_METRICS, exported_names, used_names
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]'")
 serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install -e '.[ray]'")
@@ -108,6 +109,8 @@ def test_concurrent_chat_uses_both_replicas_and_keeps_conversations(base_url):
         assert _metric(metrics, "moepager_prompt_tokens_total", replica=replica) > 0
     assert _metric(metrics, "moepager_affinity_requests_total", outcome="hit") >= n
     assert _metric(metrics, "moepager_affinity_requests_total", outcome="moved") == 0
+    missing = used_names() - KV_METRICS - exported_names(metrics)
+    assert not missing, f"dashboard/alerts read metrics the Ray app does not export: {sorted(missing)}"
 
 
 def test_killing_a_replica_mid_load_loses_no_request(base_url):
