@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 name = f"synthetic {conversations} conv, topic {topic_experts}/{experts}, loc {locality}"
                 rows.append({"workload": name, **row})
 
-    header = f"{'workload':42s} {'slots/E':>8s} {'routing':>13s} {'hit':>6s} {'prefill':>8s} {'decode':>7s} {'warm':>5s}"
+    header = f"{'workload':42s} {'slots':>8s} {'routing':>13s} {'hit':>6s} {'prefill':>8s} {'decode':>7s} {'warm':>5s}"
     print(header)
     for r in rows:
         print(f"{r['workload']:42s} {r['slots_per_layer']:>8d} {r['routing']:>13s} {r['hit_rate']:6.3f} "
