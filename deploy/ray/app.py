@@ -90,11 +90,14 @@ class MoepagerReplica:
     async def metrics(self, probe: ReplicaProbe) -> tuple[str, str]:
         return self.replica_id, self.app.state.metrics.render().decode() + self.affinity.render()
 
-    def check_health(self) -> None:
-        scheduler = self.app.state.scheduler
-        thread = getattr(scheduler, "_thread", None)
-        if scheduler is None or (thread is not None and not thread.is_alive()):
-            raise RuntimeError("the engine's scheduler is not running")
+    async def check_health(self) -> None:
+        """Serve's periodic probe: the app's own ``/health`` (503 while failed or draining) must be 200."""
+        status = None
+        async for item in run_asgi(self.app, ForwardedRequest("GET", "/health")):
+            if isinstance(item, ResponseStart):
+                status = item.status
+        if status != 200:
+            raise RuntimeError(f"replica {self.replica_id}: /health answered {status}")
 
     def __del__(self) -> None:
         scheduler = getattr(getattr(self, "app", None), "state", None)

@@ -117,3 +117,22 @@ def test_merged_metrics_label_every_replica():
     hits = {s.labels["replica"]: s.value for s in families["moepager_affinity_requests"].samples
             if s.name.endswith("_total") and s.labels["outcome"] == "hit"}
     assert hits == {"r1": 3.0, "r2": 5.0}
+
+
+def test_stream_cut_by_a_dead_replica_ends_with_an_error_event():
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]'")
+    import asyncio
+
+    from deploy.ray.app import OpenAIIngress
+
+    async def dying_stream():
+        yield b'data: {"choices": []}\n\n'
+        raise ray.exceptions.RayActorError()
+
+    async def collect(sse: bool) -> list[bytes]:
+        return [chunk async for chunk in OpenAIIngress._rest(None, dying_stream(), sse)]
+
+    chunks = asyncio.run(collect(True))
+    assert chunks[0].startswith(b"data: {") and b'"error"' in chunks[1] and chunks[1].endswith(b"data: [DONE]\n\n")
+    with pytest.raises(ray.exceptions.RayActorError):  # not a stream: the client sees a broken response
+        asyncio.run(collect(False))
