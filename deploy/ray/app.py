@@ -99,10 +99,10 @@ class MoepagerReplica:
         if status != 200:
             raise RuntimeError(f"replica {self.replica_id}: /health answered {status}")
 
-    def __del__(self) -> None:
-        scheduler = getattr(getattr(self, "app", None), "state", None)
-        if scheduler is not None and scheduler.scheduler is not None:
-            scheduler.scheduler.stop()
+    def __del__(self) -> None:  # Serve calls this on shutdown, after in-flight requests finished
+        state = getattr(getattr(self, "app", None), "state", None)
+        if state is not None and state.scheduler is not None:
+            state.scheduler.stop()
 
 
 ingress_app = FastAPI(title="moepager on Ray Serve")
