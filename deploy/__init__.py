@@ -1,0 +1,1 @@
+"""Deployment: Docker, compose, Kubernetes manifests and the Ray Serve application (``deploy.ray``)."""
