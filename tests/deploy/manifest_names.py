@@ -9,7 +9,7 @@ from pathlib import Path
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 NAME = re.compile(r"moepager_[a-z_]+")
 # The server's KV gauges: the KV alert reads them; a server without them never fires it.
-KV_METRICS = frozenset({"moepager_kv_cache_used_bytes", "moepager_kv_cache_capacity_bytes"})
+KV_METRICS = frozenset({"moepager_kv_cache_used_bytes", "moepager_kv_cache_budget_bytes"})
 # Exported by the Ray Serve app's /metrics only (checked against it in test_ray_serve.py).
 RAY_METRICS = frozenset({"moepager_affinity_requests_total"})
 
