@@ -40,6 +40,36 @@ def _kv_gb(text: str) -> float | str:
     return value
 
 
+def resolve_serve_args(args: argparse.Namespace):
+    """Parsed serve flags -> (EngineConfig, ServerSettings, dtype, expert budget summary, KV bytes or None).
+
+    Shared by ``moepager serve`` and the Ray Serve replicas, so both resolve the flags the same way.
+    """
+    from server.settings import ServerSettings
+
+    # Read here, not as the flag's default, so --help never prints the key.
+    args.api_key = getattr(args, "api_key", None) or os.environ.get("MOEPAGER_API_KEY") or None
+    if args.model_path is not None:
+        if args.model is not None and args.model != args.model_path:
+            raise MoepagerError(f"give the model once: MODEL {args.model_path!r} and --model {args.model!r} differ")
+        args.model = args.model_path
+    template = None
+    if args.chat_template is not None:
+        path = Path(args.chat_template).expanduser()
+        if not path.is_file():
+            raise MoepagerError(f"--chat-template: no such file: {path}")
+        template = path.read_text()
+    kv_bytes = None if args.kv_cache_gb == "auto" else int(args.kv_cache_gb * 1e9)
+    dtype = checkpoint_dtype(args.model) if args.dtype == "auto" else args.dtype
+    expert_gb, expert_summary = resolve_expert_budget(args, dtype, kv_reserve_bytes=kv_bytes or 0)
+    config = engine_config_from_args(args, max_model_len=args.max_model_len, expert_cache_gb=expert_gb)
+    settings = ServerSettings(api_key=args.api_key, served_model_name=args.served_model_name,
+                              max_num_seqs=args.max_num_seqs, max_queued=args.max_queued,
+                              max_model_len=args.max_model_len, drain_timeout_s=args.drain_timeout,
+                              chat_template=template, kv_cache_bytes=kv_bytes, host=args.host)
+    return config, settings, dtype, expert_summary, kv_bytes
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="run the OpenAI-compatible server",
                               description="Serve a MoE model over an OpenAI-compatible HTTP API.",
@@ -74,29 +104,9 @@ def run(args: argparse.Namespace) -> int:
 
     from server.app import begin_drain, create_app
     from server.draining import DrainingServer
-    from server.settings import ServerSettings
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Read here, not as the flag's default, so --help never prints the key.
-    args.api_key = getattr(args, "api_key", None) or os.environ.get("MOEPAGER_API_KEY") or None
-    if args.model_path is not None:
-        if args.model is not None and args.model != args.model_path:
-            raise MoepagerError(f"give the model once: MODEL {args.model_path!r} and --model {args.model!r} differ")
-        args.model = args.model_path
-    template = None
-    if args.chat_template is not None:
-        path = Path(args.chat_template).expanduser()
-        if not path.is_file():
-            raise MoepagerError(f"--chat-template: no such file: {path}")
-        template = path.read_text()
-    kv_bytes = None if args.kv_cache_gb == "auto" else int(args.kv_cache_gb * 1e9)
-    dtype = checkpoint_dtype(args.model) if args.dtype == "auto" else args.dtype
-    expert_gb, expert_summary = resolve_expert_budget(args, dtype, kv_reserve_bytes=kv_bytes or 0)
-    config = engine_config_from_args(args, max_model_len=args.max_model_len, expert_cache_gb=expert_gb)
-    settings = ServerSettings(api_key=args.api_key, served_model_name=args.served_model_name,
-                              max_num_seqs=args.max_num_seqs, max_queued=args.max_queued,
-                              max_model_len=args.max_model_len, drain_timeout_s=args.drain_timeout,
-                              chat_template=template, kv_cache_bytes=kv_bytes, host=args.host)
+    config, settings, dtype, expert_summary, kv_bytes = resolve_serve_args(args)
     log.info("serving %s on %s:%d: device %s, dtype %s%s; experts: %s; KV budget: %s; max %d running, %d queued; "
              "API key %s; chat template %s", args.model or "the embedded model", args.host, args.port, args.device,
              dtype, " (auto: the checkpoint's)" if args.dtype == "auto" else "", expert_summary,

@@ -63,8 +63,7 @@ class MoepagerReplica:
 
         from engine.engine import Engine
         from server.app import attach_engine, create_app
-        from server.flags import engine_config_from_args
-        from server.settings import ServerSettings
+        from server.cmd_serve import resolve_serve_args
 
         args = parse_serve_args(serve_args)
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
@@ -72,10 +71,7 @@ class MoepagerReplica:
             torch.set_num_threads(max(1, int(cpus)))
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.affinity = AffinityMetrics()
-        config = engine_config_from_args(args, max_model_len=args.max_model_len)
-        settings = ServerSettings(api_key=args.api_key, served_model_name=args.served_model_name,
-                                  max_num_seqs=args.max_num_seqs, max_queued=args.max_queued,
-                                  max_model_len=args.max_model_len, drain_timeout_s=args.drain_timeout)
+        config, settings, *_ = resolve_serve_args(args)
         engine = await asyncio.to_thread(Engine.from_config, config)
         self.app = create_app(engine, settings)
         attach_engine(self.app, engine, asyncio.get_running_loop())

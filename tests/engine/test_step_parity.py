@@ -90,8 +90,15 @@ def test_simulator_counts_equal_the_live_engine(recorded, predictor, timed):
     assert issued_somewhere > 0, "no prefetch was issued: the comparison tested nothing"
 
 
-def test_the_compared_cases_exercise_late_and_cancelled_prefetches(recorded):
-    """The parity cases are not trivially equal: the timed link makes prefetches late or cancelled."""
+def test_the_compared_cases_exercise_late_and_cancelled_prefetches(recorded, monkeypatch):
+    """The step's late and cancelled paths are reachable on this trace: with the planner's value gate off
+    (every prediction copied), the timed link makes prefetches late or cancelled. With the gate on (the
+    parity cases above) the planner declines most copies the link could not land in time."""
+    import functools
+
+    from prefetch.planner import PrefetchPlanner
+
+    monkeypatch.setattr("traces.simulate.PrefetchPlanner", functools.partial(PrefetchPlanner, gate=False))
     _path, trace, page_bytes, learned = recorded
     timed = simulate(trace, _sim_config("lfu", "freq", page_bytes, learned, True, POLICIES["lfu"])).as_dict()
     assert timed["prefetch"]["late"] > 0 and timed["stall_seconds_per_token"] > 0
