@@ -23,41 +23,14 @@ from pathlib import Path
 
 import httpx
 
-from bench.serve_load import RequestResult, percentile
+from bench.serve_load import RequestResult, one_request, percentile
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 async def _one(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -> tuple[RequestResult, str]:
-    result, replica = RequestResult(), ""
-    start = time.perf_counter()
-    last = None
-    try:
-        async with client.stream("POST", url, json=body, headers=headers) as response:
-            replica = response.headers.get("x-moepager-replica", "")
-            if response.status_code != 200:
-                result.error = f"HTTP {response.status_code}"
-                return result, replica
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    result.error = str(chunk["error"])
-                    return result, replica
-                if chunk.get("usage"):
-                    result.output_tokens = chunk["usage"]["completion_tokens"]
-                if not chunk.get("choices") or not chunk["choices"][0].get("delta", {}).get("content"):
-                    continue
-                now = time.perf_counter()
-                if last is None:
-                    result.ttft_s = now - start
-                else:
-                    result.itl_s.append(now - last)
-                last = now
-    except httpx.HTTPError as exc:
-        result.error = f"{type(exc).__name__}: {exc}"
-    return result, replica
+    result = await one_request(client, url, body, headers)
+    return result, result.headers.get("x-moepager-replica", "")
 
 
 async def run_level(base: str, clients: int, turns: int, max_tokens: int, same_prompt: bool) -> dict:

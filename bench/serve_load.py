@@ -28,6 +28,7 @@ class RequestResult:
     itl_s: list[float] = field(default_factory=list)
     output_tokens: int = 0
     error: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)  # the response's headers (e.g. which replica served)
 
 
 STRUCTURED = {
@@ -47,12 +48,14 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[index]
 
 
-async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> RequestResult:
+async def one_request(client: httpx.AsyncClient, url: str, body: dict,
+                      headers: dict[str, str] | None = None) -> RequestResult:
     result = RequestResult()
     start = time.perf_counter()
     last = None
     try:
-        async with client.stream("POST", url, json=body) as response:
+        async with client.stream("POST", url, json=body, headers=headers) as response:
+            result.headers = dict(response.headers)
             if response.status_code != 200:
                 result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
                 return result
