@@ -94,12 +94,14 @@ def build_runtime(config: EngineConfig, loaded, device: torch.device, capacities
         link = _link(config, store, slots, device, link_factory)
         slot_table = PageTable(store, slots, by_slot=True)
 
-    # 2) misses computed on the host (hybrid execution), or every miss fetched
+    # 2) how experts read from host pages are computed (builds the native kernels, with a progress
+    #    line), and which misses are computed there (hybrid execution) rather than fetched
+    host_compute = host_compute_for(store, loaded.moe_blocks[0][2], progress=config.progress)
     hybrid = None
     host = NO_HOST
     if config.cpu_compute != "never":
-        hybrid = host = calibrate(config.cpu_compute, store, device, loaded.moe_blocks[0][2], zero_copy,
-                                  config.emulate_link_gbps, config.emulate_link_latency_us)
+        hybrid = host = calibrate(config.cpu_compute, store, device, loaded.moe_blocks[0][2], host_table,
+                                  host_compute, zero_copy, config.emulate_link_gbps, config.emulate_link_latency_us)
 
     # 3) prefetching: predictor + planner, or none
     prefetching: Prefetching | NoPrefetching = NoPrefetching()
@@ -132,8 +134,6 @@ def build_runtime(config: EngineConfig, loaded, device: torch.device, capacities
         recorder = TraceRecorder(config.record_trace, meta)
 
     step = LayerStep(cache, link, counters, store.page_bytes, prefetching, host)
-    experts_module = loaded.moe_blocks[0][2]
-    host_compute = host_compute_for(store, experts_module, progress=config.progress)
     slot_compute = host_compute if slot_table.pages.device.type == "cpu" else TorchExpertCompute()
     runtime = OffloadRuntime(step, slot_table, host_table, slot_compute, host_compute, routing, recorder, link,
                              copy_ahead=hybrid is not None and device.type != "cpu")

@@ -15,7 +15,6 @@ import time
 
 import torch
 
-from engine.host_compute import host_compute_for
 from engine.offload import LayerOutput, PageTable, Routing
 
 MODES = ("never", "auto", "always")
@@ -56,13 +55,12 @@ class HybridCostModel:
                 "host_seconds_16": self.host_seconds(16)}
 
 
-def calibrate(mode: str, store, device: torch.device, module: torch.nn.Module, zero_copy: bool,
-              link_gbps: float | None, latency_us: float, repeats: int = 5) -> HybridCostModel:
-    """Measure one page copy and the host expert kernel; returns the model for ``mode``."""
+def calibrate(mode: str, store, device: torch.device, module: torch.nn.Module, table: PageTable, compute,
+              zero_copy: bool, link_gbps: float | None, latency_us: float, repeats: int = 5) -> HybridCostModel:
+    """Measure one page copy and ``compute`` (the host strategy, reading ``table``, the host pages) on
+    one expert; returns the model for ``mode``."""
     page = store.page(0, 0)
     lay = store.layout
-    table = PageTable(store, store.pages, by_slot=False)
-    compute = host_compute_for(store, module, progress=False)
 
     def host_time(tokens: int) -> float:
         # The host kernel that will serve misses, on one expert's page, as the hot path calls it.
