@@ -79,7 +79,7 @@ class Routing:
     device copy of ``order`` needs no sync.
     """
 
-    __slots__ = ("K", "_host", "_order_dev", "experts", "idx", "idx_host", "order", "span", "top_k_weights",
+    __slots__ = ("K", "_host", "_order_dev", "idx", "idx_host", "order", "span", "top_k_weights",
                  "weights")
 
     def __init__(self, idx_host: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, experts: list[int],
@@ -89,7 +89,6 @@ class Routing:
         self.idx_host = idx_host  # [T, K] host
         self.top_k_weights = weights  # [T, K] device
         self.weights = weights.reshape(-1)  # [T*K] device
-        self.experts = experts
         order = torch.argsort(idx_host.reshape(-1), stable=True)  # [T*K] host
         self.order = order.tolist()
         self._order_dev = order if idx.device.type == "cpu" else None
