@@ -97,6 +97,13 @@ class StepCounters:
     capacity_bytes: int = 0
     used_bytes: int = 0
     forward_steps: int = 0
+    page_bytes_saved: int = 0  # per page: float page in the compute dtype minus the (quantized) page
+
+    def bytes_saved(self) -> dict[str, int]:
+        """Bytes quantized pages saved: over the link (demand, prefetch) and read by expert compute."""
+        reads = sum(map(sum, self.queries))  # every queried expert's page is read once per step
+        per = self.page_bytes_saved
+        return {"demand": self.demand_copies * per, "prefetch": self.prefetch_copies * per, "compute": reads * per}
 
     @classmethod
     def create(cls, num_layers: int, num_experts: int) -> StepCounters:

@@ -15,6 +15,7 @@ and the reference keeps serving.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -24,9 +25,11 @@ from pathlib import Path
 
 import torch
 
-EXTENSION_NAME = "moepager_cpu_ext"
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "cpu_ops.cpp", CSRC / "cpu_kernels.cpp")
+HEADERS = (CSRC / "cpu_kernels.h", CSRC / "cpu_kernels_impl.h")
+# One build directory per source version: installs of different versions never rebuild each other's.
+EXTENSION_NAME = "moepager_cpu_" + hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:12]
 ISAS = ("avx512bf16", "avx512", "avx2")  # best first
 BUILD_SECONDS = 60  # measured on 2 cores, announced before the first build
 
@@ -57,7 +60,7 @@ def detect_isa() -> str:
         return "none"
     if not {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
         return "avx2"
-    return "avx512bf16" if "avx512_bf16" in flags else "avx512"
+    return "avx512bf16" if {"avx512_bf16", "avx512_vnni"} <= flags else "avx512"
 
 
 def _short(exc: BaseException, limit: int = 4000) -> str:

@@ -81,6 +81,7 @@ def build_runtime(config: EngineConfig, loaded, device: torch.device, capacities
     cache = ExpertCache(build_policy(config.cache_policy, shape), shape.num_layers, capacities, config.cache_scope)
     counters = StepCounters.create(shape.num_layers, shape.num_experts)
     counters.capacity_bytes = cache.num_slots * store.page_bytes
+    counters.page_bytes_saved = store.page_bytes_saved()
 
     # 1) where a slot lives: the host page itself (CPU, no link to emulate) or a pool of slot memory
     zero_copy = (device.type == "cpu" and link_factory is None and config.emulate_link_gbps is None

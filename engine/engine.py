@@ -259,6 +259,7 @@ class Engine:
             "bytes_transferred": c.demand_bytes + c.prefetch_bytes,
             "demand_bytes": c.demand_bytes,
             "prefetch_bytes": c.prefetch_bytes,
+            "bytes_saved": c.bytes_saved(),
             "stall_seconds": sum(c.stall_seconds),
             "stall_seconds_prefill": c.stall_seconds[0],
             "stall_seconds_decode": c.stall_seconds[1],

@@ -11,6 +11,8 @@ allocation, pinned when CUDA is present, so transfers are true DMA.
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -59,6 +61,25 @@ def page_format(layout: ExpertLayout, compute_dtype: torch.dtype, expert_dtype: 
     return PageFormat("float", _FLOAT_BY_NAME.get(expert_dtype, compute_dtype), **common)
 
 
+def advise_huge_pages(t: torch.Tensor) -> bool:
+    """Ask Linux to back ``t`` (not yet written) with 2 MiB pages: the kernels stream every page of
+    a layer per token, and 4 KiB pages would cost a TLB miss every 4 KiB. Best effort (False when
+    the platform or the transparent-huge-page setting says no)."""
+    if sys.platform != "linux" or t.numel() * t.element_size() < 2 * _HUGE:
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        start = -(-t.data_ptr() // _HUGE) * _HUGE
+        end = (t.data_ptr() + t.numel() * t.element_size()) // _HUGE * _HUGE
+        return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+_HUGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+
 class HostExpertStore:
     """All expert pages: ``pages`` is uint8 ``[layers * experts, page_bytes]``, one row per expert."""
 
@@ -72,6 +93,8 @@ class HostExpertStore:
         self.page_bytes = fmt.page_bytes
         self.pages = torch.empty((num_layers * num_experts, self.page_bytes), dtype=torch.uint8, pin_memory=pin)
         self.pinned = pin
+        if not pin:
+            advise_huge_pages(self.pages)
 
     def page(self, layer: int, expert: int) -> torch.Tensor:
         return self.pages[layer * self.num_experts + expert]
@@ -104,6 +127,11 @@ class HostExpertStore:
     @property
     def total_bytes(self) -> int:
         return self.pages.numel()
+
+    def page_bytes_saved(self) -> int:
+        """Bytes one page saves against a float page in the compute dtype (0 for float pages)."""
+        plain = dataclasses.replace(self.fmt, kind="float", dtype=self.dtype, group_size=0)
+        return max(plain.page_bytes - self.page_bytes, 0)
 
     # -- loading ---------------------------------------------------------------------
     def load(self, reader: CheckpointReader, refs: dict[int, list[ExpertTensorRef]], layer_order: list[int],

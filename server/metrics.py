@@ -35,7 +35,8 @@ SERVING_METRICS = ("num_requests_running", "num_requests_waiting", "time_to_firs
 OFFLOAD_METRICS = ("expert_cache_queries_total", "expert_cache_hits_total", "expert_transfer_bytes_total",
                    "expert_stall_seconds_total", "expert_prefetch_issued_total", "expert_prefetch_useful_total",
                    "expert_prefetch_wasted_total", "expert_prefetch_late_total", "expert_cache_capacity_bytes",
-                   "expert_cache_used_bytes", "expert_cpu_computed_total")
+                   "expert_cache_used_bytes", "expert_cpu_computed_total",
+                   "expert_quantized_bytes_saved_total")
 
 
 def _phase_name(phase: int) -> str:
@@ -75,6 +76,8 @@ class EngineCollector(Collector):
                        ("layer", "phase"))
         transfer = counter("expert_transfer_bytes_total", "Bytes copied host to device", ("kind",))
         stall = counter("expert_stall_seconds_total", "Time compute waited on expert copies", ("phase",))
+        saved = counter("expert_quantized_bytes_saved_total",
+                        "Bytes quantized expert pages saved against pages in the compute dtype", ("kind",))
         simple = {
             "prefetch_issued": counter("expert_prefetch_issued_total", "Prefetch copies issued"),
             "prefetch_useful": counter("expert_prefetch_useful_total", "Prefetched experts used before eviction"),
@@ -93,11 +96,14 @@ class EngineCollector(Collector):
             transfer.add_metric(["prefetch"], float(getattr(c, "prefetch_bytes", 0)))
             for phase, value in _per_phase(getattr(c, "stall_seconds", ())):
                 stall.add_metric([phase], value)
+            if hasattr(c, "bytes_saved"):
+                for kind, value in c.bytes_saved().items():
+                    saved.add_metric([kind], float(value))
             for attr, family in simple.items():
                 family.add_metric([], float(getattr(c, attr, 0)))
             capacity.add_metric([], float(getattr(c, "capacity_bytes", 0)))
             used.add_metric([], float(getattr(c, "used_bytes", 0)))
-        yield from (queries, hits, transfer, stall, *simple.values(), capacity, used)
+        yield from (queries, hits, transfer, stall, saved, *simple.values(), capacity, used)
 
 
 class ServerMetrics:

@@ -5,8 +5,10 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "cpu_kernels.h"
 
@@ -19,7 +21,7 @@ namespace avx2 {
 #undef MP_AVX2
 }  // namespace avx2
 const KernelTable* table_avx2() {
-  static const KernelTable t{"avx2", &avx2::rows_any, false};
+  static const KernelTable t{"avx2", &avx2::rows_any, false, 32};
   return &t;
 }
 }  // namespace moepager_cpu
@@ -34,16 +36,24 @@ namespace avx512 {
 #undef MP_AVX512
 }  // namespace avx512
 const KernelTable* table_avx512() {
-  static const KernelTable t{"avx512", &avx512::rows_any, false};
+  static const KernelTable t{"avx512", &avx512::rows_any, false, 64};
   return &t;
 }
 }  // namespace moepager_cpu
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,avx2,fma,f16c")
 namespace moepager_cpu {
 namespace avx512bf16 {
+// Every kernel again with VPDPWSSD (VNNI) for the int8 / int4 multiply-adds; CPUs with AVX512_BF16
+// all have AVX512_VNNI, and the run-time check asks for both.
+#define MP_AVX512 1
+#define MP_VNNI 1
+#include "cpu_kernels_impl.h"
+#undef MP_VNNI
+#undef MP_AVX512
+
 // bf16 weights x bf16 activations with VDPBF16PS: 32 multiply-adds per instruction, fp32 sums.
 // x is rounded to bf16 first, as the reference casts x to the weights' dtype. Used for one token
 // only: measured on a Xeon with AVX512_BF16, from two tokens per tile on the shift-to-fp32 + FMA
@@ -82,7 +92,7 @@ static void tile_dp(const TileArgs& a, int64_t r, int nr, int64_t t0) {
   float sums[RB][TB];
   for (int i = 0; i < RB; ++i)
     for (int t = 0; t < TB; ++t) sums[i][t] = _mm512_reduce_add_ps(acc[i][t]);
-  avx512::epilogue<kBF16, TB>(a, r, nr, t0, sums);
+  epilogue<kBF16, TB>(a, r, nr, t0, sums);
 }
 
 static void rows_bf16(const TileArgs& a, int64_t r0, int64_t r1) {
@@ -92,14 +102,36 @@ static void rows_bf16(const TileArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
-static void rows_any(const TileArgs& a, int64_t r0, int64_t r1) {
+static void rows_dispatch(const TileArgs& a, int64_t r0, int64_t r1) {
   if (a.kind == kBF16 && a.xb != nullptr && a.n == 1) rows_bf16(a, r0, r1);
-  else avx512::rows_any(a, r0, r1);
+  else rows_any(a, r0, r1);
 }
 }  // namespace avx512bf16
 const KernelTable* table_avx512bf16() {
-  static const KernelTable t{"avx512bf16", &avx512bf16::rows_any, true};
+  static const KernelTable t{"avx512bf16", &avx512bf16::rows_dispatch, true, 64};
   return &t;
 }
 }  // namespace moepager_cpu
 #pragma GCC pop_options
+
+namespace moepager_cpu {
+void quantize_x(const float* x, int64_t n, int64_t K, int int4_span, bool int4, int16_t* xq, float* xs) {
+  for (int64_t t = 0; t < n; ++t) {
+    const float* src = x + t * K;
+    int16_t* dst = xq + t * K;
+    float amax = 0.0f;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(src[k]));
+    const float scale = amax > 0.0f ? amax / 32767.0f : 1.0f;
+    const float inv = 1.0f / scale;
+    xs[t] = scale;
+    const bool perm = int4 && int4_span == 64;
+    for (int64_t k = 0; k < K; ++k) {
+      int64_t at = k;
+      const int64_t base = k & ~int64_t{63}, j = k - base;
+      if (perm && base + 64 <= K) at = base + (j < 16 || j >= 48 ? j : j < 32 ? j + 16 : j - 16);
+      const float q = std::nearbyint(src[k] * inv);
+      dst[at] = static_cast<int16_t>(std::min(32767.0f, std::max(-32767.0f, q)));
+    }
+  }
+}
+}  // namespace moepager_cpu

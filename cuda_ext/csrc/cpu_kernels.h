@@ -22,6 +22,8 @@ struct TileArgs {
   const void* bias;         // [rows] or nullptr
   const float* x;           // [n, K] fp32
   const uint16_t* xb;       // [n, K] bf16 copy of x (only read by the AVX512_BF16 bf16 kernel)
+  const int16_t* xq;        // [n, K] int16 x (int8 / int4 weights): x[t] ~= xq[t] * xs[t], in x_order
+  const float* xs;          // [n] per-token scale of xq
   int64_t n;                // tokens
   const int64_t* out_rows;  // [n] output row of each token, nullptr = t
   const float* wt;          // [n] weight of each token, nullptr = 1
@@ -35,7 +37,14 @@ struct KernelTable {
   const char* name;     // "avx512bf16", "avx512", "avx2"
   RowsFn rows;
   bool bf16_x;          // wants TileArgs::xb for kBF16 weights
+  int int4_span;        // int4: inputs per step; xq is stored in this ISA's nibble order (see quantize_x)
 };
+
+// The int kernels multiply int8 / int4 codes by x quantized to int16 with one scale per token
+// (relative error <= 2^-16 of the token's largest |x|): integer multiply-adds, no conversions of
+// weights to float. For int4, each span of 64 inputs is stored as [0..15, 32..47, 16..31, 48..63]
+// when int4_span is 64 (the low and high nibbles of 32 bytes), in order when it is 32.
+void quantize_x(const float* x, int64_t n, int64_t K, int int4_span, bool int4, int16_t* xq, float* xs);
 
 const KernelTable* table_avx2();
 const KernelTable* table_avx512();

@@ -2,7 +2,8 @@
 // included by cpu_kernels.cpp inside one namespace per ISA (MP_AVX512 or MP_AVX2 selects V).
 // No include guard on purpose: each inclusion compiles the same code for another target.
 // Each tile computes RB = 4 rows x TB tokens: every weight vector loaded is used TB times, and
-// the rows are re-read from L1/L2 (not memory) for further token blocks.
+// the rows are re-read from L1/L2 (not memory) for further token blocks. Float weights multiply
+// fp32 x (or bf16 x, see cpu_kernels.cpp); int8 / int4 codes multiply int16 x (tile_int).
 
 #if defined(MP_AVX512)
 struct V {
@@ -21,27 +22,40 @@ struct V {
   static inline R ld_f16(const uint8_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
-  static inline R ld_i8(const uint8_t* p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-  }
-  // 16 packed bytes hold 32 int4 codes: part 0 = low nibbles (inputs 0..15), part 1 = high (16..31).
-  static inline R ld_i4(const uint8_t* p, int part) {
-    __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    if (part) b = _mm_srli_epi16(b, 4);
-    b = _mm_and_si128(b, _mm_set1_epi8(0x0F));
-    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
-  }
   static inline float sum(R a) { return _mm512_reduce_add_ps(a); }
-  // int4 by table lookup: VPERMPS reads only the low 4 bits of each index lane, so the byte
-  // itself indexes the group's 16 dequantized values (low nibble), and byte >> 4 the high one.
-  static inline R lut_table(float s) {
-    return _mm512_mul_ps(_mm512_set1_ps(s), _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7));
+  // int codes x int16 activations: 32 int16 lanes, int32 sums of lane pairs
+  using I = __m512i;
+  static constexpr int NW = 32;        // int16 lanes (int8 codes per step)
+  static constexpr int I4SPAN = 64;    // int4 codes per step: the two nibbles of 32 bytes
+  static constexpr int TBI = 2;        // tokens per int tile: 8 int32 + 8 fp32 accumulators
+  static inline I izero() { return _mm512_setzero_si512(); }
+  static inline I ld_xq(const int16_t* p) { return _mm512_loadu_si512(p); }
+  static inline I ld_xq_half(const int16_t* p) { return _mm512_maskz_loadu_epi16(0xFFFFu, p); }
+  static inline I ld_i8w(const uint8_t* p) {
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
-  static inline __m512i lut_bytes(const uint8_t* p) {
-    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  // 32 bytes: lo = low nibbles (inputs 0-15 of each 16-byte chunk), hi = high nibbles; codes - 8
+  static inline void ld_i4w(const uint8_t* p, I& lo, I& hi) {
+    const I b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    lo = _mm512_sub_epi16(_mm512_and_si512(b, _mm512_set1_epi16(0x0F)), _mm512_set1_epi16(8));
+    hi = _mm512_sub_epi16(_mm512_srli_epi16(b, 4), _mm512_set1_epi16(8));
   }
-  static inline R lut_lo(__m512i b, R table) { return _mm512_permutexvar_ps(b, table); }
-  static inline R lut_hi(__m512i b, R table) { return _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table); }
+  // 16 bytes (one chunk of 32 codes) in the low lanes, zeros above
+  static inline void ld_i4w_half(const uint8_t* p, I& lo, I& hi) {
+    const I b = _mm512_cvtepu8_epi16(_mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    lo = _mm512_maskz_sub_epi16(0xFFFFu, _mm512_and_si512(b, _mm512_set1_epi16(0x0F)), _mm512_set1_epi16(8));
+    hi = _mm512_maskz_sub_epi16(0xFFFFu, _mm512_srli_epi16(b, 4), _mm512_set1_epi16(8));
+  }
+  static inline I dpw(I acc, I a, I b) {
+#if defined(MP_VNNI)
+    return _mm512_dpwssd_epi32(acc, a, b);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+#endif
+  }
+  static inline R cvt(I a) { return _mm512_cvtepi32_ps(a); }
+  // int32 lanes 0-7 come from the first 16-byte chunk of a step, lanes 8-15 from the second
+  static inline R mix(float a, float b) { return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1); }
 };
 #elif defined(MP_AVX2)
 struct V {
@@ -60,23 +74,31 @@ struct V {
   static inline R ld_f16(const uint8_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
-  static inline R ld_i8(const uint8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-  }
-  // parts 0..3 = inputs 0-7, 8-15 (low nibbles of bytes 0-7, 8-15), 16-23, 24-31 (high nibbles).
-  static inline R ld_i4(const uint8_t* p, int part) {
-    __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + (part & 1) * 8));
-    if (part & 2) b = _mm_srli_epi16(b, 4);
-    b = _mm_and_si128(b, _mm_set1_epi8(0x0F));
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
-  }
-  // int4: 8-entry permutes only, so no table lookup; convert and scale instead
   static inline float sum(R a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  using I = __m256i;
+  static constexpr int NW = 16;
+  static constexpr int I4SPAN = 32;  // the two nibbles of 16 bytes: inputs in order
+  static constexpr int TBI = 1;      // 16 registers: 4 int32 + 4 fp32 accumulators, weights, x
+  static inline I izero() { return _mm256_setzero_si256(); }
+  static inline I ld_xq(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static inline I ld_xq_half(const int16_t* p) { return ld_xq(p); }  // never used: I4SPAN divides every group
+  static inline I ld_i8w(const uint8_t* p) {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static inline void ld_i4w(const uint8_t* p, I& lo, I& hi) {
+    const I b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    lo = _mm256_sub_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x0F)), _mm256_set1_epi16(8));
+    hi = _mm256_sub_epi16(_mm256_srli_epi16(b, 4), _mm256_set1_epi16(8));
+  }
+  static inline void ld_i4w_half(const uint8_t* p, I& lo, I& hi) { ld_i4w(p, lo, hi); }
+  static inline I dpw(I acc, I a, I b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+  static inline R cvt(I a) { return _mm256_cvtepi32_ps(a); }
+  static inline R mix(float a, float) { return set1(a); }  // never used: I4SPAN divides every group
 };
 #else
 #error "define MP_AVX512 or MP_AVX2 before including cpu_kernels_impl.h"
@@ -104,8 +126,7 @@ static inline typename V::R ldw(const uint8_t* row, int64_t k) {
   const uint8_t* p = row + row_offset_bytes<KIND>(k);
   if constexpr (KIND == kF32) return V::ld_f32(p);
   else if constexpr (KIND == kBF16) return V::ld_bf16(p);
-  else if constexpr (KIND == kF16) return V::ld_f16(p);
-  else return V::ld_i8(p);
+  else return V::ld_f16(p);
 }
 
 template <int KIND>
@@ -113,8 +134,7 @@ static inline float wscalar(const uint8_t* row, int64_t k) {
   const uint8_t* p = row + row_offset_bytes<KIND>(k);
   if constexpr (KIND == kF32) return ld_scalar(p, kS32, 0);
   else if constexpr (KIND == kBF16) return ld_scalar(p, kSBF16, 0);
-  else if constexpr (KIND == kF16) return ld_scalar(p, kSF16, 0);
-  else return static_cast<float>(static_cast<const int8_t*>(static_cast<const void*>(p))[0]);
+  else return ld_scalar(p, kSF16, 0);
 }
 
 // sums[i][t]: the finished dot products of row r + i and token t0 + t (unscaled for int8).
@@ -144,57 +164,7 @@ static void tile(const TileArgs& a, int64_t r, int nr, int64_t t0) {
   for (int i = 0; i < RB; ++i)
     for (int t = 0; t < TB; ++t) acc[i][t] = V::zero();
   float sums[RB][TB];
-#if defined(MP_AVX512)
-  if constexpr (KIND == kI4) {
-    const int64_t G = a.group, ngroups = K / G;
-    for (int64_t g = 0; g < ngroups; ++g) {
-      typename V::R table[RB];
-      for (int i = 0; i < RB; ++i)
-        table[i] = V::lut_table(ld_scalar(a.scales, a.sdtype, (r + (i < nr ? i : nr - 1)) * ngroups + g));
-      for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
-        __m512i b[RB];
-        for (int i = 0; i < RB; ++i) b[i] = V::lut_bytes(wp[i] + k / 2);
-        typename V::R wv[RB];
-        for (int i = 0; i < RB; ++i) wv[i] = V::lut_lo(b[i], table[i]);
-        for (int t = 0; t < TB; ++t) {
-          const typename V::R xv = V::ldx(xp[t] + k);
-          for (int i = 0; i < RB; ++i) acc[i][t] = V::fma(wv[i], xv, acc[i][t]);
-        }
-        for (int i = 0; i < RB; ++i) wv[i] = V::lut_hi(b[i], table[i]);
-        for (int t = 0; t < TB; ++t) {
-          const typename V::R xv = V::ldx(xp[t] + k + 16);
-          for (int i = 0; i < RB; ++i) acc[i][t] = V::fma(wv[i], xv, acc[i][t]);
-        }
-      }
-    }
-    for (int i = 0; i < RB; ++i)
-      for (int t = 0; t < TB; ++t) sums[i][t] = V::sum(acc[i][t]);
-  } else
-#endif
-  if constexpr (KIND == kI4) {
-    // w = q * s - 8 s with the group's scale s, folded into one FMA per weight vector.
-    const int64_t G = a.group, ngroups = K / G;
-    for (int64_t g = 0; g < ngroups; ++g) {
-      typename V::R vs[RB], vn[RB];
-      for (int i = 0; i < RB; ++i) {
-        const float s = ld_scalar(a.scales, a.sdtype, (r + (i < nr ? i : nr - 1)) * ngroups + g);
-        vs[i] = V::set1(s);
-        vn[i] = V::set1(-8.0f * s);
-      }
-      for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
-        for (int part = 0; part < 32 / V::N; ++part) {
-          typename V::R wv[RB];
-          for (int i = 0; i < RB; ++i) wv[i] = V::fma(V::ld_i4(wp[i] + k / 2, part), vs[i], vn[i]);
-          for (int t = 0; t < TB; ++t) {
-            const typename V::R xv = V::ldx(xp[t] + k + part * V::N);
-            for (int i = 0; i < RB; ++i) acc[i][t] = V::fma(wv[i], xv, acc[i][t]);
-          }
-        }
-      }
-    }
-    for (int i = 0; i < RB; ++i)
-      for (int t = 0; t < TB; ++t) sums[i][t] = V::sum(acc[i][t]);
-  } else {
+  {
     int64_t k = 0;
     for (; k + V::N <= K; k += V::N) {
       typename V::R wv[RB];
@@ -213,16 +183,118 @@ static void tile(const TileArgs& a, int64_t r, int nr, int64_t t0) {
   epilogue<KIND, TB>(a, r, nr, t0, sums);
 }
 
+// int8 / int4 codes x int16 activations (TileArgs::xq, one scale per token in xs): integer
+// multiply-adds into int32 lanes, moved into fp32 accumulators before they could overflow (int8:
+// every 2048 inputs, |sum| < 2^30) or when the int4 group scale changes.
+template <int KIND, int TB>
+static void tile_int(const TileArgs& a, int64_t r, int nr, int64_t t0) {
+  constexpr int RB = 4;
+  const int64_t K = a.K;
+  const uint8_t* wp[RB];
+  for (int i = 0; i < RB; ++i) wp[i] = a.w + (r + (i < nr ? i : nr - 1)) * a.w_row_bytes;  // pad with the last row
+  const int16_t* xp[TB];
+  for (int t = 0; t < TB; ++t) xp[t] = a.xq + (t0 + t) * K;
+  typename V::R facc[RB][TB];
+  typename V::I iacc[RB][TB];
+  for (int i = 0; i < RB; ++i)
+    for (int t = 0; t < TB; ++t) {
+      facc[i][t] = V::zero();
+      iacc[i][t] = V::izero();
+    }
+  // fp32 accumulators += int32 lanes * scale (per row: the int4 group scale, or 1)
+  auto flush = [&](const typename V::R (&scale)[RB]) {
+    for (int i = 0; i < RB; ++i)
+      for (int t = 0; t < TB; ++t) {
+        facc[i][t] = V::fma(V::cvt(iacc[i][t]), scale[i], facc[i][t]);
+        iacc[i][t] = V::izero();
+      }
+  };
+  float sums[RB][TB];
+  if constexpr (KIND == kI8) {
+    constexpr int64_t kFlush = 2048;
+    typename V::R one[RB];
+    for (int i = 0; i < RB; ++i) one[i] = V::set1(1.0f);
+    const int64_t KV = K / V::NW * V::NW;
+    int64_t k = 0;
+    while (k < KV) {
+      const int64_t end = std::min(KV, k + kFlush);
+      for (; k < end; k += V::NW) {
+        typename V::I wv[RB];
+        for (int i = 0; i < RB; ++i) wv[i] = V::ld_i8w(wp[i] + k);
+        for (int t = 0; t < TB; ++t) {
+          const typename V::I xv = V::ld_xq(xp[t] + k);
+          for (int i = 0; i < RB; ++i) iacc[i][t] = V::dpw(iacc[i][t], wv[i], xv);
+        }
+      }
+      flush(one);
+    }
+    for (int i = 0; i < RB; ++i)
+      for (int t = 0; t < TB; ++t) sums[i][t] = V::sum(facc[i][t]);
+    for (; k < K; ++k)  // tail of a row whose length is not a multiple of the vector width
+      for (int i = 0; i < RB; ++i)
+        for (int t = 0; t < TB; ++t)
+          sums[i][t] += static_cast<float>(static_cast<int8_t>(wp[i][k])) * static_cast<float>(xp[t][k]);
+  } else {
+    const int64_t G = a.group, ngroups = K / G;
+    constexpr int64_t S = V::I4SPAN;
+    const bool per_step = G % S != 0;  // a step spans two groups (AVX512, group an odd multiple of 32)
+    auto gscale = [&](int i, int64_t g) {
+      return ld_scalar(a.scales, a.sdtype, (r + (i < nr ? i : nr - 1)) * ngroups + g);
+    };
+    auto step = [&](int64_t k, bool half) {
+      typename V::I lo[RB], hi[RB];
+      for (int i = 0; i < RB; ++i) {
+        if (half) V::ld_i4w_half(wp[i] + k / 2, lo[i], hi[i]);
+        else V::ld_i4w(wp[i] + k / 2, lo[i], hi[i]);
+      }
+      for (int t = 0; t < TB; ++t) {
+        const typename V::I x0 = half ? V::ld_xq_half(xp[t] + k) : V::ld_xq(xp[t] + k);
+        const typename V::I x1 = half ? V::ld_xq_half(xp[t] + k + 16) : V::ld_xq(xp[t] + k + S / 2);
+        for (int i = 0; i < RB; ++i) iacc[i][t] = V::dpw(V::dpw(iacc[i][t], lo[i], x0), hi[i], x1);
+      }
+    };
+    typename V::R sc[RB];
+    int64_t k = 0;
+    for (; k + S <= K; k += S) {
+      step(k, false);
+      if (per_step) {
+        for (int i = 0; i < RB; ++i) sc[i] = V::mix(gscale(i, k / G), gscale(i, (k + S / 2) / G));
+        flush(sc);
+      } else if ((k + S) % G == 0) {
+        for (int i = 0; i < RB; ++i) sc[i] = V::set1(gscale(i, k / G));
+        flush(sc);
+      }
+    }
+    if (k < K) {  // AVX512: a last 32 inputs (K an odd multiple of 32)
+      step(k, true);
+      for (int i = 0; i < RB; ++i) sc[i] = V::set1(gscale(i, k / G));
+      flush(sc);
+    }
+    for (int i = 0; i < RB; ++i)
+      for (int t = 0; t < TB; ++t) sums[i][t] = V::sum(facc[i][t]);
+  }
+  for (int i = 0; i < RB; ++i)
+    for (int t = 0; t < TB; ++t) sums[i][t] *= a.xs[t0 + t];
+  epilogue<KIND, TB>(a, r, nr, t0, sums);
+}
+
 template <int KIND>
 static void rows_kind(const TileArgs& a, int64_t r0, int64_t r1) {
+  constexpr bool kInt = KIND == kI8 || KIND == kI4;
+  constexpr int TBM = kInt ? V::TBI : V::TBMAX;
+  auto run = [&](auto tb, int64_t r, int nr, int64_t t) {
+    constexpr int TB = decltype(tb)::value;
+    if constexpr (kInt) tile_int<KIND, TB>(a, r, nr, t);
+    else tile<KIND, TB>(a, r, nr, t);
+  };
   for (int64_t r = r0; r < r1; r += 4) {
     const int nr = static_cast<int>(std::min<int64_t>(4, r1 - r));
     int64_t t = 0;
-    for (; t + V::TBMAX <= a.n; t += V::TBMAX) tile<KIND, V::TBMAX>(a, r, nr, t);
+    for (; t + TBM <= a.n; t += TBM) run(std::integral_constant<int, TBM>{}, r, nr, t);
     switch (a.n - t) {
-      case 1: tile<KIND, 1>(a, r, nr, t); break;
-      case 2: if constexpr (V::TBMAX > 2) tile<KIND, 2>(a, r, nr, t); break;
-      case 3: if constexpr (V::TBMAX > 3) tile<KIND, 3>(a, r, nr, t); break;
+      case 1: if constexpr (TBM > 1) run(std::integral_constant<int, 1>{}, r, nr, t); break;
+      case 2: if constexpr (TBM > 2) run(std::integral_constant<int, 2>{}, r, nr, t); break;
+      case 3: if constexpr (TBM > 3) run(std::integral_constant<int, 3>{}, r, nr, t); break;
       default: break;
     }
   }

@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -36,14 +37,14 @@ constexpr int64_t kGemmTokens = 32;
 
 int64_t align64(int64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
-// Levels: 3 avx512bf16, 2 avx512 (F/BW/VL/DQ), 1 avx2 (+FMA, F16C), 0 none.
+// Levels: 3 avx512bf16 (with VNNI), 2 avx512 (F/BW/VL/DQ), 1 avx2 (+FMA, F16C), 0 none.
 int detect_level() {
   __builtin_cpu_init();
   if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return 0;
   if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")))
     return 1;
-  return __builtin_cpu_supports("avx512bf16") ? 3 : 2;
+  return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni") ? 3 : 2;
 }
 
 int level_of(const std::string& name) {
@@ -170,6 +171,15 @@ at::Tensor dense_weight(const uint8_t* page, int kind, at::ScalarType dtype, int
   return (q.view({rows, K / group, group}) * sc).view({rows, K});
 }
 
+// x [N, K] fp32 -> (int16 [N, K] in the kernel table's int4 order, scales [N]) for the int kernels.
+std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& x, const KernelTable* kt, bool int4) {
+  const int64_t N = x.size(0), K = x.size(1);
+  at::Tensor xq = at::empty({N, K}, x.options().dtype(at::kShort));
+  at::Tensor xs = at::empty({N}, x.options().dtype(at::kFloat));
+  quantize_x(x.data_ptr<float>(), N, K, kt->int4_span, int4, xq.data_ptr<int16_t>(), xs.data_ptr<float>());
+  return {xq, xs};
+}
+
 at::Tensor bias_of(const uint8_t* page, int64_t off, int64_t n, at::ScalarType dtype) {
   return at::from_blob(const_cast<uint8_t*>(page + off), {n}, at::TensorOptions().dtype(dtype)).to(at::kFloat);
 }
@@ -239,6 +249,9 @@ at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& pages, const at::T
   }
   const bool want_bf16 = kt->bf16_x && code == kBF16;
   const at::Tensor xgb = want_bf16 ? xg.to(at::kBFloat16) : at::Tensor();
+  const bool int_kind = code == kI8 || code == kI4;
+  at::Tensor xq, xs;  // int16 x and per-token scales for the int kernels
+  if (int_kind) std::tie(xq, xs) = quantize(xg, kt, code == kI4);
 
   const uint8_t* base = pages.data_ptr<uint8_t>();
   const int64_t page_stride = pages.stride(0);
@@ -261,6 +274,8 @@ at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& pages, const at::T
     a.bias = has_bias ? page + L.b1 : nullptr;
     a.x = xg.data_ptr<float>() + start[u] * H;
     a.xb = want_bf16 ? reinterpret_cast<const uint16_t*>(xgb.data_ptr<at::BFloat16>()) + start[u] * H : nullptr;
+    a.xq = int_kind ? xq.data_ptr<int16_t>() + start[u] * H : nullptr;
+    a.xs = int_kind ? xs.data_ptr<float>() + start[u] : nullptr;
     a.n = count[u]; a.out_rows = nullptr; a.wt = nullptr;
     a.out = gu.data_ptr<float>() + start[u] * 2 * I; a.ldo = 2 * I;
     jobs.push_back(a);
@@ -277,6 +292,7 @@ at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& pages, const at::T
   // 3) activation, then down: out[tok] += w * (h_e @ W2^T + b2)
   const at::Tensor h = act_fn(gu, interleaved, act, alpha, limit);  // [N, I]
   const at::Tensor hb = want_bf16 ? h.to(at::kBFloat16) : at::Tensor();
+  if (int_kind) std::tie(xq, xs) = quantize(h, kt, code == kI4);
   jobs.clear();
   for (int64_t u : active) {
     const uint8_t* page = base + rp[u] * page_stride;
@@ -286,6 +302,8 @@ at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& pages, const at::T
     a.bias = has_bias ? page + L.b2 : nullptr;
     a.x = h.data_ptr<float>() + start[u] * I;
     a.xb = want_bf16 ? reinterpret_cast<const uint16_t*>(hb.data_ptr<at::BFloat16>()) + start[u] * I : nullptr;
+    a.xq = int_kind ? xq.data_ptr<int16_t>() + start[u] * I : nullptr;
+    a.xs = int_kind ? xs.data_ptr<float>() + start[u] : nullptr;
     a.n = count[u]; a.out_rows = ent_tok.data() + start[u]; a.wt = ent_w.data() + start[u];
     a.out = out.data_ptr<float>(); a.ldo = H;
     jobs.push_back(a);

@@ -34,6 +34,7 @@ async def version(request: Request) -> dict:
 
     engine = request.app.state.engine
     config = getattr(engine, "config", None)
+    kernels = getattr(engine, "kernels", None)
     return {
         "version": package_version(),
         "model": request.app.state.settings.served_model_name or getattr(engine, "model_name", None),
@@ -41,4 +42,5 @@ async def version(request: Request) -> dict:
         "prefetch": getattr(config, "prefetch", None),
         "prefetch_lookahead": getattr(config, "prefetch_lookahead", None),
         "loaded": engine is not None,
+        "kernels": kernels() if callable(kernels) else None,  # which implementation serves each op
     }

@@ -38,13 +38,14 @@ KINDS = {  # name -> (kind, dtype, group_size)
     "int8": ("int8", torch.bfloat16, 0),
     "int4g32": ("int4", torch.float16, 32),
     "int4g128": ("int4", torch.float32, 128),
+    "int4g96": ("int4", torch.bfloat16, 96),  # an odd multiple of 32: one AVX512 step spans two groups
 }
 ARCHS = {  # name -> (transposed, interleaved, has_bias, act)
     "silu": (False, False, False, "silu"),  # Mixtral / Qwen / OLMoE / DeepSeek: [2I, H], gate rows first
     "gpt_oss": (True, True, True, "swiglu_oai"),  # [H, 2I] interleaved, biases, clamped SwiGLU
 }
 TOKENS = [1, 2, 7, 16, 33]
-CASES = [(64, 32, T) for T in TOKENS] + [(1024, 1024, T) for T in (1, 7, 33)]  # (H, I, T)
+CASES = [(64, 32, T) for T in TOKENS] + [(1024, 1024, T) for T in (1, 7, 33)] + [(192, 96, 3)]  # (H, I, T)
 PAGES, ROWS, TOP_K = 4, (3, 0, 2), 4
 
 

@@ -212,3 +212,24 @@ def test_embedded_model_perplexity_per_page_dtype(tmp_path):
     assert abs(ppl["int8"] / ppl["auto"] - 1) < 0.01, ppl
     assert abs(ppl["int4"] / ppl["auto"] - 1) < 0.05, ppl
     assert ppl["int8"] != ppl["auto"]  # the pages really were quantized
+
+
+@pytest.mark.parametrize("expert_dtype", ["auto", "int8", "int4"])
+def test_bytes_saved_are_counted(tiny_model_dir, tmp_path, expert_dtype):
+    """Quantized pages count the bytes they save: per copy over the (emulated) link and per page read."""
+    from cuda_ext.pages import PageFormat
+
+    path = _one_moe_layer_model(tiny_model_dir, "olmoe")
+    ids = torch.randint(3, 128, (1, 7), generator=torch.Generator().manual_seed(4))
+    with Engine.from_pretrained(str(path), device="cpu", progress=False, quant_cache_dir=str(tmp_path),
+                                expert_dtype=expert_dtype, expert_slots=4, emulate_link_gbps=50.0) as eng:
+        eng.logits(ids)
+        stats, c = eng.stats(), eng.counters
+        fmt = eng.store.fmt
+        plain = PageFormat("float", eng.store.dtype, fmt.hidden, fmt.intermediate, fmt.transposed,
+                           fmt.interleaved, fmt.has_bias).page_bytes
+    per = plain - fmt.page_bytes
+    assert (per == 0) == (expert_dtype == "auto") and per >= 0
+    assert c.demand_copies > 0 and stats["queries"] > 0
+    assert stats["bytes_saved"] == {"demand": c.demand_copies * per, "prefetch": c.prefetch_copies * per,
+                                    "compute": stats["queries"] * per}

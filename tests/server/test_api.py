@@ -173,6 +173,8 @@ def test_models_version_health(client):
     assert card["max_model_len"] == MAX_MODEL_LEN and card["cache_policy"] == "lru"
     version = client.get("/version").json()
     assert version["version"] and version["cache_policy"] == "lru" and "prefetch" in version
+    kernels = version["kernels"]
+    assert kernels["moe_ffn"].startswith(("native-", "reference")) and kernels["expert_pages"] and kernels["cpu_isa"]
     assert client.get("/health").status_code == 200
 
 
