@@ -40,10 +40,10 @@ import torch
 
 from cache.base import ExpertKey, is_offline_only
 from cache.capacity import split_capacity
-from cache.manager import ExpertCache
-from cache.shape import ModelShape, build_policy_for
 from cache.hybrid import MODES, HybridCostModel
+from cache.manager import ExpertCache
 from cache.routing import cache_aware_route
+from cache.shape import ModelShape, build_policy_for
 from cache.step import NO_HOST, InstantLink, LayerStep, NoPrefetching, Prefetching, StepCounters
 from prefetch.base import build_predictor
 from prefetch.planner import PrefetchPlanner
