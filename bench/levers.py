@@ -1,6 +1,6 @@
 """Every lever side by side in the timed simulator: policy, predictor, planner gate, hybrid, cache-aware routing.
 
-    python -m bench.levers [--regimes skewed,sticky,...] [--traces T ...] [--requests 12] [--out J]
+    python -m bench.levers [--regimes skewed,sticky,...] [--traces T ...] [--requests 8] [--out J]
 
 Each synthetic regime of ``traces.synth`` (with router scores) and each shipped trace is
 replayed at two operating points of one model shape (a Qwen3-30B-A3B bf16 expert page,
@@ -42,7 +42,7 @@ LINK_GBPS = 25.0
 HOST_READ_GBPS = 50.0
 HOST_TOKEN_US = 10.0
 OPERATING_POINTS = {"link-bound": 50.0, "compute-rich": 1000.0}  # layer compute, us
-REGIMES = ("uniform", "skewed", "sticky", "drifting", "topics", "crosslayer", "mixed")
+REGIMES = ("skewed", "sticky", "drifting", "topics", "crosslayer", "mixed")
 SHIPPED = ("tests/data/trace_chat.safetensors", "tests/data/trace_heldout.safetensors")
 BASE = {"policy": "lru"}
 LEVERS: dict[str, dict] = {
@@ -53,8 +53,8 @@ LEVERS: dict[str, dict] = {
     "prefetch eam": {"prefetch": "eam"},
     "prefetch learned": {"prefetch": "learned"},
     "prefetch oracle": {"prefetch": "oracle"},
-    "eam, gate off": {"prefetch": "eam", "prefetch_gate": False},
-    "learned, gate off": {"prefetch": "learned", "prefetch_gate": False},
+    "eam gate off": {"prefetch": "eam", "prefetch_gate": False},
+    "learned gate off": {"prefetch": "learned", "prefetch_gate": False},
     "cpu-compute auto": {"cpu_compute": "auto"},
     "cpu-compute always": {"cpu_compute": "always"},
     "routing delta 0.1": {"cache_aware_routing": 0.1},
@@ -83,6 +83,7 @@ def run_trace(label: str, path: str, trace, levers: dict[str, dict], workdir: st
             row = {"trace": label, "op": op, "lever": lever}
             if change.get("cache_aware_routing") and trace.scores is None:
                 rows.append(row | {"skipped": "no router scores in the trace"})
+                print(_fmt(rows[-1]), flush=True)
                 continue
             cfg = replace(base, **change)
             if cfg.prefetch == "learned":
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--regimes", default=",".join(REGIMES))
     p.add_argument("--traces", nargs="*", default=list(SHIPPED))
-    p.add_argument("--requests", type=int, default=12, help="requests per synthetic trace")
+    p.add_argument("--requests", type=int, default=8, help="requests per synthetic trace")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--levers", default=",".join(LEVERS), help="comma-separated lever names")
     p.add_argument("--out", default=None)
