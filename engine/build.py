@@ -116,8 +116,8 @@ def build_runtime(config: EngineConfig, loaded, device: torch.device, capacities
         # behind each other so they land late.
         budget = (config.prefetch_budget_mb * 1e6 if config.prefetch_budget_mb is not None
                   else shape.top_k * config.prefetch_lookahead * store.page_bytes)
-        prefetching = Prefetching(predictor, PrefetchPlanner(store.page_bytes, int(budget)), cache, link, counters,
-                                  store.page_bytes)
+        planner = PrefetchPlanner(store.page_bytes, int(budget), gate=config.prefetch_gate)
+        prefetching = Prefetching(predictor, planner, cache, link, counters, store.page_bytes)
 
     # 4) routing hook and recorder
     if config.route_from_trace is not None and config.cache_aware_routing is not None:
@@ -126,7 +126,8 @@ def build_runtime(config: EngineConfig, loaded, device: torch.device, capacities
     if config.route_from_trace is not None:
         routing = TraceReplayRouting(config.route_from_trace, shape)
     elif config.cache_aware_routing is not None:
-        routing = CacheAwareRouting(cache, counters, blocks, shape.num_experts, config.cache_aware_routing)
+        routing = CacheAwareRouting(cache, counters, blocks, shape.num_experts, config.cache_aware_routing,
+                                    record_scores=config.record_trace is not None)
     recorder: Any = NoRecorder()
     if config.record_trace is not None:
         meta = {"model": model_name, "architecture": loaded.model.config.model_type,

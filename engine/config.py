@@ -25,6 +25,7 @@ class EngineConfig:
     prefetch_lookahead: int = 1
     predictor_path: str | None = None
     prefetch_budget_mb: float | None = None
+    prefetch_gate: bool = True  # the planner copies only what its value estimate says pays
     cache_aware_routing: float | None = None
     record_trace: str | None = None
     emulate_link_gbps: float | None = None

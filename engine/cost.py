@@ -1,12 +1,9 @@
-"""Fetch or compute on the host? The per-miss cost model of hybrid execution.
+"""Hybrid execution's cost model, measured on this machine at start-up.
 
-At small batch a missed expert can be cheaper to run on the CPU, straight from
-its host page, than to copy to the device (llama.cpp's CPU-expert mode,
-Fiddler and ktransformers exploit this). Both sides are measured once at
-start-up on this machine: one page copy over the real (or emulated) link, and
-the reference expert kernel on the host for 1 and 16 tokens; a miss goes to the
-host when its predicted host time is below the copy time. A miss with a free
-slot in its scope is always fetched: it costs no eviction and warms the cache.
+The decision rule (fetch a miss or compute it on the host) is
+``cache.hybrid.HybridCostModel``, shared with the simulator. Its two inputs
+are measured here once: one page copy over the real (or emulated) link, and
+the host's expert kernel on one expert for 1 and 16 tokens.
 """
 
 from __future__ import annotations
@@ -15,44 +12,10 @@ import time
 
 import torch
 
+from cache.hybrid import MODES, HybridCostModel
 from engine.offload import LayerOutput, PageTable, Routing
 
-MODES = ("never", "auto", "always")
-
-
-class HybridCostModel:
-    def __init__(self, mode: str, fetch_seconds: float, host_seconds_1: float, host_seconds_16: float) -> None:
-        if mode not in MODES:
-            raise ValueError(f"--cpu-compute must be one of {', '.join(MODES)}, got {mode!r}")
-        self.mode = mode
-        self.fetch_seconds = fetch_seconds
-        self.per_token = max((host_seconds_16 - host_seconds_1) / 15, 0.0)
-        self.fixed = max(host_seconds_1 - self.per_token, 0.0)
-
-    def host_seconds(self, tokens: int) -> float:
-        return self.fixed + self.per_token * tokens
-
-    def prefer_host(self, tokens: int, free_slot: bool) -> bool:
-        if self.mode == "always":
-            return True
-        if self.mode == "never" or free_slot:
-            return False
-        return self.host_seconds(tokens) < self.fetch_seconds
-
-    def choose(self, layer: int, experts: list[int], counts: list[int], cache, inflight) -> list[int]:
-        """The misses of this step to compute on the host (``cache.step`` host chooser)."""
-        out = []
-        free = cache.has_free_slot(layer)
-        for key, n in zip(cache.keys_of(layer, experts), counts):
-            if key in inflight or cache.is_resident(key):
-                continue
-            if self.prefer_host(n, free):
-                out.append(key.expert)
-        return out
-
-    def describe(self) -> dict:
-        return {"mode": self.mode, "fetch_seconds": self.fetch_seconds, "host_seconds_1": self.host_seconds(1),
-                "host_seconds_16": self.host_seconds(16)}
+__all__ = ["MODES", "HybridCostModel", "calibrate"]
 
 
 def calibrate(mode: str, store, device: torch.device, module: torch.nn.Module, table: PageTable, compute,
@@ -97,4 +60,4 @@ def calibrate(mode: str, store, device: torch.device, module: torch.nn.Module, t
         del dst
         fetch = best + latency_us * 1e-6
     with torch.no_grad():
-        return HybridCostModel(mode, fetch, host_time(1), host_time(16))
+        return HybridCostModel.from_timings(mode, fetch, host_time(1), host_time(16))

@@ -14,6 +14,7 @@ in ``cache.step.LayerStep``, shared with the simulator.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -23,7 +24,7 @@ from cuda_ext import expert_ffn
 EngineCounters = StepCounters  # the name the server and benchmarks know
 
 __all__ = ["DECODE", "PREFILL", "ActiveStep", "EngineCounters", "LayerOutput", "OffloadRuntime", "PageTable",
-           "Routing", "TorchExpertCompute"]
+           "RoutedLayer", "Routing", "TorchExpertCompute"]
 
 
 def routing_to_host(top_k_index: torch.Tensor) -> torch.Tensor:
@@ -174,11 +175,20 @@ class TorchExpertCompute:
                 per_position[pos] = y * w[pos].unsqueeze(-1)
 
 
+class RoutedLayer(NamedTuple):
+    """A routing hook's answer for one layer (``engine.routing``)."""
+
+    top_k_index: torch.Tensor  # [T, K] the experts the layer computes
+    router_index: torch.Tensor  # [T, K] the router's choice: what a recorded trace keeps
+    scores: torch.Tensor | None  # [T, E] router probabilities, where the hook sees them
+
+
 class KeepRouting:
     """No routing change (the default): cache-aware routing and trace replay are the alternatives."""
 
-    def substitute(self, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        return top_k_index
+    def route(self, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+              rows: torch.Tensor | None) -> RoutedLayer:
+        return RoutedLayer(top_k_index, top_k_index, None)
 
     def close(self) -> None:
         return None
@@ -188,7 +198,7 @@ class NoRecorder:
     def begin_step(self, *args) -> None:
         return None
 
-    def record(self, layer: int, top_k_index, top_k_weights, hidden) -> None:
+    def record(self, layer: int, top_k_index, top_k_weights, hidden, scores=None) -> None:
         return None
 
     def end_step(self) -> None:
@@ -240,19 +250,20 @@ class OffloadRuntime:
     def forward(self, module: torch.nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         active = self.active
-        top_k_index = self.routing.substitute(module._moepager_layer, top_k_index, top_k_weights)
         if active is not None and active.valid_rows is not None:
             rows = active.valid_rows  # [R]: padding rows route too, but must not touch the cache
             out = torch.zeros_like(hidden)
             if rows.numel():
                 out[rows] = self._forward_rows(module, hidden[rows], top_k_index[rows], top_k_weights[rows],
-                                               active.phase)
+                                               active.phase, rows)
             return out
         phase = active.phase if active is not None else (PREFILL if hidden.shape[0] > 1 else DECODE)
-        return self._forward_rows(module, hidden, top_k_index, top_k_weights, phase)
+        return self._forward_rows(module, hidden, top_k_index, top_k_weights, phase, None)
 
-    def _forward_rows(self, module, hidden, top_k_index, top_k_weights, phase: int) -> torch.Tensor:
+    def _forward_rows(self, module, hidden, top_k_index, top_k_weights, phase: int, rows) -> torch.Tensor:
         layer = module._moepager_layer
+        routed = self.routing.route(layer, top_k_index, top_k_weights, rows)
+        top_k_index = routed.top_k_index
         idx_host = routing_to_host(top_k_index)  # sync: routing decides which experts must be resident  [T, K]
         unique_t, counts_t = torch.unique(idx_host, return_counts=True)
         experts, counts = unique_t.tolist(), counts_t.tolist()  # [U], [U]
@@ -267,7 +278,7 @@ class OffloadRuntime:
                                   self.host_table.rows(wave), out)
             else:
                 self.compute(module, hidden, routing, self.slot_table, wave.experts, self.slot_table.rows(wave), out)
-        self.recorder.record(layer, top_k_index, top_k_weights, hidden)
+        self.recorder.record(layer, routed.router_index, top_k_weights, hidden, routed.scores)
         return out.result(hidden.dtype)  # [T, H]
 
     def drain(self) -> None:

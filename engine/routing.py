@@ -1,9 +1,17 @@
-"""Cache-aware routing in the live engine (opt-in; it changes outputs).
+"""Routing hooks of the live engine: cache-aware routing and trace replay.
 
-Each MoE block's router is observed with a forward hook (a documented
-``nn.Module`` seam, no patching) so the experts function can see the router
-probabilities of the step; ``cache.routing.cache_aware_route`` decides the
-substitutions from them and the layer's residency.
+A hook's ``route(layer, top_k_index, top_k_weights, rows)`` returns a
+:class:`~engine.offload.RoutedLayer`: the experts the layer computes, the
+router's own choice (what a recorded trace keeps) and, where the hook sees
+them, the router's scores (recorded too, so the simulator can replay
+cache-aware routing). ``rows`` are the real rows of a padded batch (None: all).
+
+Cache-aware routing (opt-in; it changes outputs with a delta above 0): each
+MoE block's router is observed with a forward hook (a documented ``nn.Module``
+seam, no patching) so the experts function can see the router probabilities of
+the step; ``cache.routing.cache_aware_route`` decides the substitutions from
+them and the layer's residency. A trace recorded with it holds the router's
+choices before substitution and the scores, which is what a replay needs.
 """
 
 from __future__ import annotations
@@ -12,12 +20,16 @@ import torch
 
 from cache.routing import cache_aware_route
 from engine.arch import router_of
+from engine.offload import RoutedLayer
 from traces.format import load_trace
 
 
 class CacheAwareRouting:
-    def __init__(self, cache, counters, blocks: list[torch.nn.Module], num_experts: int, delta: float) -> None:
+    def __init__(self, cache, counters, blocks: list[torch.nn.Module], num_experts: int, delta: float,
+                 record_scores: bool = False) -> None:
+        """``record_scores``: hand the scores to the trace recorder even where nothing is substituted."""
         self.delta = float(delta)
+        self.record_scores = bool(record_scores)
         self.cache = cache
         self.counters = counters
         self.num_experts = num_experts
@@ -33,18 +45,23 @@ class CacheAwareRouting:
 
         return capture
 
-    def substitute(self, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def route(self, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+              rows: torch.Tensor | None) -> RoutedLayer:
         logits = self._scores[layer]
-        if logits is None or self.delta == 0:
-            return top_k_index
+        if logits is None or (self.delta == 0 and not self.record_scores):
+            return RoutedLayer(top_k_index, top_k_index, None)
         logits = logits.float().reshape(-1, logits.shape[-1])  # [T, E]
+        if rows is not None:
+            logits = logits[rows]  # [R, E]: padding rows never reach the cache
         scores = logits.sigmoid() if self._sigmoid[layer] else logits.softmax(dim=-1)
+        if self.delta == 0:
+            return RoutedLayer(top_k_index, top_k_index, scores)
         resident = torch.zeros(self.num_experts, dtype=torch.bool)
         for key in self.cache.resident(layer):
             resident[key.expert] = True
         result = cache_aware_route(scores, top_k_index, top_k_weights, resident.to(scores.device), self.delta)
         self.counters.routing_substitutions += int(result.substitutions)
-        return result.top_k_index
+        return RoutedLayer(result.top_k_index, top_k_index, scores)
 
     def close(self) -> None:
         for hook in self._hooks:
@@ -73,14 +90,16 @@ class TraceReplayRouting:
         self.cursor = 0
         self._rows = 0
 
-    def substitute(self, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def route(self, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+              rows: torch.Tensor | None) -> RoutedLayer:
         T = top_k_index.shape[0]
         n, trace_layers = self.experts.shape[0], self.experts.shape[1]
         rows = (torch.arange(T) + self.cursor) % n
         replay = self.experts[rows, layer % trace_layers]  # [T, K]
         if layer == self.num_layers - 1:
             self.cursor = (self.cursor + T) % n
-        return replay.to(device=top_k_index.device, dtype=top_k_index.dtype)
+        replay = replay.to(device=top_k_index.device, dtype=top_k_index.dtype)
+        return RoutedLayer(replay, replay, None)
 
     def close(self) -> None:
         return None

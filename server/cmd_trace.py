@@ -7,6 +7,7 @@ import json
 import math
 
 from cache.base import policy_names
+from cache.hybrid import MODES
 from engine.config import SCOPES
 from prefetch.base import predictor_names
 from server.flags import _non_negative_float, _positive_float, _positive_int
@@ -44,6 +45,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     sim.add_argument("--expert-bytes", type=_positive_int, default=None,
                      help="bytes per expert page (default: the trace's expert_bytes metadata, if any)")
     sim.add_argument("--layer-compute-us", type=_non_negative_float, default=0.0)
+    sim.add_argument("--prefetch-gate", default="on", choices=("on", "off"),
+                     help="on: the planner copies a prediction only when its expected value is positive")
+    sim.add_argument("--cpu-compute", default="never", choices=MODES,
+                     help="hybrid execution, as the engine's flag: auto computes a miss on the host when the "
+                          "host time (--host-read-gbps, --host-token-us) is below one copy (--link-gbps)")
+    sim.add_argument("--host-read-gbps", type=_positive_float, default=None,
+                     help="host memory read bandwidth, GB/s: each host-computed expert reads its page once")
+    sim.add_argument("--host-token-us", type=_non_negative_float, default=0.0,
+                     help="host compute per token of a host-computed expert, us")
+    sim.add_argument("--cache-aware-routing", type=_non_negative_float, default=None, metavar="DELTA",
+                     help="substitute a resident expert whose router score is within DELTA (needs a trace with "
+                          "router scores)")
     sim.add_argument("--per-token", action="store_true", help="one row per step even if the trace has steps")
     sim.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     sim.add_argument("--plot", default=None, metavar="PNG", help="hit rate vs capacity for all policies")
@@ -56,6 +69,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     syn.add_argument("--out", required=True, metavar="TRACE")
     for name, kind in config_fields():  # every knob overrides the regime's value
         syn.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None)
+    syn.add_argument("--scores", action="store_true",
+                     help="also write router scores (what simulating --cache-aware-routing needs)")
     syn.set_defaults(run=run_synth)
     return p
 
@@ -66,7 +81,7 @@ def run_synth(args: argparse.Namespace) -> int:
     from traces.synth import config_fields, regime, synth_trace
 
     overrides = {name: getattr(args, name) for name, _ in config_fields() if getattr(args, name) is not None}
-    trace = synth_trace(regime(args.regime, **overrides))
+    trace = synth_trace(regime(args.regime, **overrides), scores=args.scores)
     save_trace(args.out, trace)
     print(f"wrote {args.out}: regime {args.regime}, {trace.num_rows} rows, {int(trace.request.max()) + 1} requests, "
           f"{trace.num_layers} MoE layers, {trace.num_experts} experts, top-{trace.top_k}")
@@ -128,12 +143,16 @@ def _sim_config(args, trace, policy: str, capacities: list[int], scope: str):
                      prefetch_lookahead=args.prefetch_lookahead, predictor_path=args.predictor_path,
                      prefetch_budget_bytes=budget, expert_bytes=int(expert_bytes) if expert_bytes else None,
                      link_gbps=args.link_gbps, link_latency_us=args.link_latency_us,
-                     layer_compute_us=args.layer_compute_us, per_token=args.per_token)
+                     layer_compute_us=args.layer_compute_us, per_token=args.per_token,
+                     prefetch_gate=args.prefetch_gate == "on", cpu_compute=args.cpu_compute,
+                     host_read_gbps=args.host_read_gbps, host_token_us=args.host_token_us,
+                     cache_aware_routing=args.cache_aware_routing)
 
 
 def _summary(d: dict) -> dict:
     keys = ("hit_rate", "hits", "accesses", "bytes_moved", "experts_moved", "stall_seconds_per_token",
-            "tokens_per_second", "prefetch")
+            "seconds_per_token", "tokens_per_second", "prefetch", "host_computed", "host_share",
+            "routing_substitutions")
     return {k: d[k] for k in keys if k in d}
 
 
@@ -167,6 +186,9 @@ def run_simulate(args: argparse.Namespace) -> int:
         print(line)
         if r.get("prefetch"):
             print(f"{'':>10} prefetch {r['prefetch']}")
+        if args.cpu_compute != "never" or args.cache_aware_routing is not None:
+            print(f"{'':>10} host-computed {r['host_computed']} ({r['host_share']:.1%} of misses), "
+                  f"routing substitutions {r['routing_substitutions']}")
     if args.plot:
         _plot(args, trace, schedule, scope)
     if args.json:

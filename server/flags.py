@@ -81,6 +81,9 @@ def add_prefetch_flags(p: argparse.ArgumentParser, *, live: bool = True) -> None
     p.add_argument("--predictor-path", default=None, help="trained predictor (.safetensors) for --prefetch learned")
     p.add_argument("--prefetch-budget-mb", type=_non_negative_float, default=None,
                    help="bytes of prefetch copies in flight, in MB (default: top_k experts per predicted layer)")
+    p.add_argument("--prefetch-gate", default="on", choices=("on", "off"),
+                   help="on: the planner copies a prediction only when its expected value is positive; off: every "
+                        "prediction within the budget")
 
 
 def add_engine_flags(p: argparse.ArgumentParser, *, serving: bool = False) -> None:
@@ -165,6 +168,7 @@ def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConf
         "prefetch_lookahead": args.prefetch_lookahead,
         "predictor_path": args.predictor_path,
         "prefetch_budget_mb": args.prefetch_budget_mb,
+        "prefetch_gate": getattr(args, "prefetch_gate", "on") == "on",
         "cache_aware_routing": args.cache_aware_routing,
         "record_trace": args.record_trace,
         "emulate_link_gbps": args.emulate_link_gbps,

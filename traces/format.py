@@ -10,6 +10,8 @@ Arrays (N rows = tokens, L = MoE layers, K = top-k, H = hidden size):
     tokens   [N] int32           optional: token id
     hidden   [N, L, H] float16   optional: the MoE layer's input (predictor training)
     step     [N] int32           optional: engine forward pass the row came from
+    scores   [N, L, E] float32   optional: router probabilities (recorded with cache-aware routing;
+                                 float32 so a replay substitutes exactly as the live engine did)
 
 Header metadata: every value is JSON-encoded (safetensors allows only strings);
 ``experts`` and ``top_k`` are required, ``model``, ``architecture`` and
@@ -30,7 +32,7 @@ from engine.errors import MoepagerError
 
 FORMAT = "moepager-trace/1"
 REQUIRED = ("experts", "weights", "request", "position", "phase")
-OPTIONAL = ("tokens", "hidden", "step")
+OPTIONAL = ("tokens", "hidden", "step", "scores")
 DTYPES = {
     "experts": np.int16,
     "weights": np.float16,
@@ -40,6 +42,7 @@ DTYPES = {
     "tokens": np.int32,
     "hidden": np.float16,
     "step": np.int32,
+    "scores": np.float32,
 }
 
 
@@ -58,6 +61,7 @@ class Trace:
     tokens: np.ndarray | None = None  # [N]
     hidden: np.ndarray | None = None  # [N, L, H]
     step: np.ndarray | None = None  # [N]
+    scores: np.ndarray | None = None  # [N, L, E]
 
     @property
     def num_rows(self) -> int:
@@ -93,6 +97,9 @@ class Trace:
             if key not in self.meta:
                 raise TraceFormatError(f"{where}: metadata lacks {key!r}")
         num_experts = int(self.meta["experts"])
+        if self.scores is not None and self.scores.shape != (n, layers, num_experts):
+            raise TraceFormatError(f"{where}: 'scores' must be [N={n}, L={layers}, E={num_experts}], "
+                                   f"got {self.scores.shape}")
         if int(self.meta["top_k"]) != k:
             raise TraceFormatError(f"{where}: metadata top_k={self.meta['top_k']} but 'experts' has K={k}")
         if n and (int(self.experts.min()) < 0 or int(self.experts.max()) >= num_experts):

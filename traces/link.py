@@ -7,8 +7,9 @@ among themselves; a started copy is never pre-empted. Work is committed lazily:
 a queued prefetch is only fixed in time once a later event proves it started
 before that event, which is what lets a demand copy overtake it.
 
-The clock moves only when the step waits (stall) and after each computed wave
-(``compute_seconds``), so timing is deterministic. With a ``mover`` the live
+The clock moves only when the step waits (stall), after each computed wave
+(``compute_seconds``) and for host-computed experts (:meth:`compute`), so
+timing is deterministic. With a ``mover`` the live
 engine can run on this very link (the bytes move at issue time, the timing is
 the model's): that is how live and simulated prefetch outcomes are compared
 under a link whose copies take a fixed number of layer computes.
@@ -107,6 +108,10 @@ class TimedLink:
 
     def fence(self) -> None:
         self.now += self.compute_seconds  # one wave computed
+
+    def compute(self, seconds: float) -> None:
+        """Work off the link (host-computed experts): the clock moves, queued copies progress."""
+        self.now += seconds
 
     def drain(self, handles: Sequence[TimedCopy]) -> None:
         return None

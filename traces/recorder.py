@@ -3,13 +3,15 @@
 The engine calls, per forward pass::
 
     rec.begin_step(request, position, phase, tokens)     # [T] each (phase may be an int)
-    rec.record(layer, top_k_index, top_k_weights, hidden) # once per MoE layer, in order
+    rec.record(layer, top_k_index, top_k_weights, hidden, scores)  # once per MoE layer, in order
     rec.end_step()
 
 and ``rec.close()`` at shutdown (``flush()`` writes what is recorded so far and
 keeps recording). Rows are copied to host numpy arrays at once (the engine has
 already synced ``top_k_index`` to the host for the cache), so the recorder never
-holds device memory. The ``step`` array of the file is the index of the forward
+holds device memory. ``scores`` (router probabilities ``[T, E]``) are given
+by the engine with cache-aware routing on; a trace holds them for every step
+or for none. The ``step`` array of the file is the index of the forward
 pass, which lets the simulator replay batched steps as the engine ran them.
 Past ``max_rows`` rows the recorder stops recording, warns once, and still
 writes what it has.
@@ -59,8 +61,9 @@ class TraceRecorder:
         self.closed = False
         self._chunks: dict[str, list[np.ndarray]] = {n: [] for n in
                                                      ("experts", "weights", "request", "position", "phase",
-                                                      "tokens", "hidden", "step")}
+                                                      "tokens", "hidden", "step", "scores")}
         self._has_tokens: bool | None = None
+        self._has_scores: bool | None = None
         self._step: dict[str, Any] | None = None
 
     # -- per forward pass -------------------------------------------------------------
@@ -82,6 +85,7 @@ class TraceRecorder:
             "experts": [],
             "weights": [],
             "hidden": [],
+            "scores": [],
         }
         if self.full:
             return
@@ -91,7 +95,7 @@ class TraceRecorder:
         self._step["tokens"] = None if tokens is None else _host(tokens, np.int32, rows, "tokens")
 
     def record(self, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-               hidden: torch.Tensor | None = None) -> None:
+               hidden: torch.Tensor | None = None, scores: torch.Tensor | None = None) -> None:
         step = self._step
         if step is None:
             raise RuntimeError("trace recorder: record() outside begin_step()/end_step()")
@@ -110,6 +114,8 @@ class TraceRecorder:
             if hidden is None:
                 raise ValueError("trace recorder: record_hidden=True but no hidden state was given")
             step["hidden"].append(_host(hidden.float(), np.float16, rows, "hidden"))
+        if scores is not None:
+            step["scores"].append(_host(scores.float(), np.float32, rows, "scores"))
 
     def end_step(self) -> None:
         step = self._step
@@ -132,10 +138,19 @@ class TraceRecorder:
         elif self._has_tokens != has_tokens:
             raise ValueError("trace recorder: give tokens on every step or on none")
         c = self._chunks
+        has_scores = bool(step["scores"])
+        if has_scores and len(step["scores"]) != layers:
+            raise ValueError("trace recorder: router scores given for some MoE layers of a step but not all")
+        if self._has_scores is None:
+            self._has_scores = has_scores
+        elif self._has_scores != has_scores:
+            raise ValueError("trace recorder: give router scores on every step or on none")
         c["experts"].append(np.stack(step["experts"], axis=1))  # [T, L, K]
         c["weights"].append(np.stack(step["weights"], axis=1))
         if self.record_hidden:
             c["hidden"].append(np.stack(step["hidden"], axis=1))  # [T, L, H]
+        if has_scores:
+            c["scores"].append(np.stack(step["scores"], axis=1))  # [T, L, E]
         for name in ("request", "position", "phase"):
             c[name].append(step[name])
         if has_tokens:
@@ -162,6 +177,7 @@ class TraceRecorder:
             tokens=cat("tokens", (0,), np.int32) if self._has_tokens else None,
             hidden=np.concatenate(c["hidden"]) if c["hidden"] else None,
             step=cat("step", (0,), np.int32),
+            scores=np.concatenate(c["scores"]) if c["scores"] else None,
             meta=dict(self.meta),
         )
 

@@ -1,13 +1,27 @@
 """The offline simulator: replay a trace through the engine's own cache, policy and planner.
 
-Design: ``ExpertCache``, the policy objects and ``PrefetchPlanner`` are the very
-ones the engine runs, so a hit rate measured here is the hit rate the engine
-gets on the same routing. The simulator adds only what the engine gets from
-hardware: a step order (rows grouped by the trace's ``step`` field, as the
+Design: ``ExpertCache``, the policy objects, ``PrefetchPlanner``, the hybrid
+cost model (``cache.hybrid``) and cache-aware routing (``cache.routing``) are
+the very ones the engine runs, so a hit rate measured here is the hit rate the
+engine gets on the same routing. The simulator adds only what the engine gets
+from hardware: a step order (rows grouped by the trace's ``step`` field, as the
 engine batched them, or one row per step) and, optionally, a clock: a
-:class:`~traces.link.TimedLink` for the host link and a fixed compute time per
-wave, from which stall per token and tokens/s follow. With prefetching or a link,
+:class:`~traces.link.TimedLink` for the host link, a fixed compute time per
+wave, and the host's expert time (a page read plus a time per token), from
+which stall per token and tokens/s follow. With any lever beyond the policy,
 each layer runs through ``cache.step.LayerStep``, the very protocol the engine runs.
+
+Hybrid execution (``cpu_compute``): misses the cost model keeps on the host are
+computed after the layer's device waves, on the same clock (serialized, as on a
+CPU-only machine; on a GPU machine the two overlap, so the model is an upper
+bound on their time). A layer whose every expert ran on the host still pays one
+``layer_compute_us`` (its dense part).
+
+Cache-aware routing needs the router's scores, which a trace holds only when
+the engine recorded it with ``--cache-aware-routing`` (or ``traces.synth`` made
+them); the replay substitutes from the router's recorded choice and the cache
+as it is at that step. Later tokens keep their recorded routing: the model's
+reaction to a substitution is not simulated (a first-order model).
 
 Step numbering is the engine's: one cache step per (forward, layer) access. The
 unique experts of every (step, layer) are precomputed with numpy, so the inner
@@ -26,11 +40,13 @@ import torch
 
 from cache.base import ExpertKey, is_offline_only
 from cache.capacity import split_capacity
+from cache.hybrid import MODES, HybridCostModel
 from cache.manager import ExpertCache
+from cache.routing import cache_aware_route
 from cache.shape import ModelShape, build_policy_for
-from cache.step import InstantLink, LayerStep, NoPrefetching, Prefetching, StepCounters
+from cache.step import NO_HOST, InstantLink, LayerStep, NoPrefetching, Prefetching, StepCounters
 from prefetch.base import build_predictor
-from prefetch.planner import PrefetchOutcomes, PrefetchPlanner
+from prefetch.planner import PrefetchPlanner
 from traces.format import Trace, load_trace
 from traces.link import TimedLink
 from traces.stats import working_set_profile
@@ -45,11 +61,16 @@ class SimConfig:
     prefetch_lookahead: int = 1
     predictor_path: str | None = None
     prefetch_budget_bytes: int | None = None  # None: top_k experts per predicted layer, as live
+    prefetch_gate: bool = True  # the planner's value gate
     expert_bytes: int | None = None
     link_gbps: float | None = None  # GB/s (1e9 bytes per second)
     link_latency_us: float = 0.0
     layer_compute_us: float = 0.0
     per_token: bool = False
+    cpu_compute: str = "never"  # never | auto | always: as the engine's --cpu-compute
+    host_read_gbps: float | None = None  # host read bandwidth: one expert's page read per host-computed miss
+    host_token_us: float = 0.0  # host compute per token of a host-computed expert
+    cache_aware_routing: float | None = None  # delta; None: off (0 runs the routing path, changes nothing)
     policy_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -66,19 +87,30 @@ class SimResult:
     prefetch: dict[str, int]
     stall_seconds: float | None = None
     total_seconds: float | None = None
+    host_computed: int = 0
+    routing_substitutions: int = 0
 
     @property
     def hit_rate(self) -> float:
         return self.hits / self.accesses if self.accesses else 0.0
+
+    @property
+    def host_share(self) -> float:
+        """The share of misses computed on the host instead of fetched."""
+        misses = self.accesses - self.hits
+        return self.host_computed / misses if misses else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "policy": self.policy, "hit_rate": self.hit_rate, "hits": self.hits, "accesses": self.accesses,
             "bytes_moved": self.bytes_moved, "experts_moved": self.experts_moved, "tokens": self.tokens,
             "steps": self.steps, "per_layer_hit_rate": self.per_layer_hit_rate, "prefetch": self.prefetch,
+            "host_computed": self.host_computed, "host_share": self.host_share,
+            "routing_substitutions": self.routing_substitutions,
         }
         if self.stall_seconds is not None:
             out["stall_seconds_per_token"] = self.stall_seconds / max(self.tokens, 1)
+            out["seconds_per_token"] = self.total_seconds / max(self.tokens, 1)
             out["tokens_per_second"] = self.tokens / self.total_seconds if self.total_seconds else float("inf")
         return out
 
@@ -86,11 +118,13 @@ class SimResult:
 # -- preparing the replay ------------------------------------------------------------------
 @dataclass
 class Schedule:
-    """The trace cut into steps: rows per step, unique sorted experts per (step, layer), request starts."""
+    """The trace cut into steps: rows per step, unique sorted experts per (step, layer) with their token
+    counts (None for a one-row step: one token each), request starts."""
 
     rows: list[np.ndarray]
     experts: list[list[list[int]]]
     request_starts: list[list[int]]
+    counts: list[list[list[int]] | None]
 
 
 def build_schedule(trace: Trace, per_token: bool = False) -> Schedule:
@@ -107,11 +141,14 @@ def build_schedule(trace: Trace, per_token: bool = False) -> Schedule:
         else:
             steps = srt.tolist()
         rows = [np.array([i]) for i in range(n)]
+        counts: list[list[list[int]] | None] = [None] * n
     else:
-        steps, rows = [], []
+        steps, rows, counts = [], [], []
         for a, b in itertools.pairwise(bounds):
             block = experts[a:b]  # [T, L, K]
-            steps.append([np.unique(block[:, layer]).tolist() for layer in range(trace.num_layers)])
+            uniq = [np.unique(block[:, layer], return_counts=True) for layer in range(trace.num_layers)]
+            steps.append([u.tolist() for u, _ in uniq])
+            counts.append([c.tolist() for _, c in uniq])
             rows.append(np.arange(a, b))
     # Requests begin in the step holding their first row.
     starts: list[list[int]] = [[] for _ in steps]
@@ -120,7 +157,7 @@ def build_schedule(trace: Trace, per_token: bool = False) -> Schedule:
         step_of_row = np.repeat(np.arange(len(steps)), np.diff(bounds))
         for row in sorted(first.tolist()):
             starts[int(step_of_row[row])].append(int(trace.request[row]))
-    return Schedule(rows=rows, experts=steps, request_starts=starts)
+    return Schedule(rows=rows, experts=steps, request_starts=starts, counts=counts)
 
 
 def future_accesses(schedule: Schedule) -> list[tuple[int, ExpertKey]]:
@@ -187,6 +224,7 @@ def warm_if_everything_fits(cache: ExpertCache, num_layers: int, num_experts: in
 # -- the replay ------------------------------------------------------------------------------
 def simulate(trace: Trace, config: SimConfig, schedule: Schedule | None = None) -> SimResult:
     """Replay ``trace`` under ``config``; pass a prebuilt ``schedule`` to replay many configs fast."""
+    check_levers(trace, config)
     if schedule is None:
         schedule = build_schedule(trace, config.per_token)
     layers = trace.num_layers
@@ -195,13 +233,44 @@ def simulate(trace: Trace, config: SimConfig, schedule: Schedule | None = None) 
     cache = ExpertCache(policy, layers, capacities, config.scope)
     warm_if_everything_fits(cache, layers, trace.num_experts)
     timed = config.link_gbps is not None
-    if timed and not config.expert_bytes:
-        raise ValueError("a link model needs the expert size: give --expert-bytes")
-    prefetching = config.prefetch != "none"
-    if not timed and not prefetching:
+    if (not timed and config.prefetch == "none" and config.cpu_compute == "never"
+            and config.cache_aware_routing is None):
         _replay_plain(cache, schedule)
         return _result(config, trace, schedule, cache, moved=sum(cache.queries) - sum(cache.hits), prefetch={})
-    return _replay_full(trace, config, schedule, cache, timed, prefetching)
+    return _replay_full(trace, config, schedule, cache, timed)
+
+
+def check_levers(trace: Trace, config: SimConfig) -> None:
+    """One clear line for a lever the trace or the configuration cannot model."""
+    if config.link_gbps is not None and not config.expert_bytes:
+        raise ValueError("a link model needs the expert size: give --expert-bytes")
+    if config.cpu_compute not in MODES:
+        raise ValueError(f"--cpu-compute must be one of {', '.join(MODES)}, got {config.cpu_compute!r}")
+    if config.cpu_compute != "never" and (config.link_gbps is not None or config.cpu_compute == "auto"):
+        if config.link_gbps is None:
+            raise ValueError("--cpu-compute auto compares a copy with host compute: give --link-gbps and "
+                             "--expert-bytes")
+        if config.host_read_gbps is None and config.host_token_us <= 0:
+            raise ValueError("--cpu-compute needs the host's expert time: give --host-read-gbps and/or "
+                             "--host-token-us")
+    if config.host_read_gbps is not None and config.host_read_gbps <= 0:
+        raise ValueError(f"--host-read-gbps must be positive, got {config.host_read_gbps}")
+    delta = config.cache_aware_routing
+    if delta is not None:
+        if delta < 0:
+            raise ValueError(f"--cache-aware-routing must be >= 0, got {delta}")
+        if delta > 0 and trace.scores is None:
+            raise ValueError("--cache-aware-routing needs router scores, which this trace lacks: record it with "
+                             "the engine's --record-trace and --cache-aware-routing (0 keeps outputs unchanged), "
+                             "or synthesize it with scores")
+
+
+def hybrid_model(config: SimConfig) -> HybridCostModel:
+    """The engine's decision rule with this configuration's copy and host times."""
+    fetch = config.link_latency_us * 1e-6 + config.expert_bytes / (config.link_gbps * 1e9) \
+        if config.link_gbps is not None else 0.0
+    read = config.expert_bytes / (config.host_read_gbps * 1e9) if config.host_read_gbps is not None else 0.0
+    return HybridCostModel(config.cpu_compute, fetch, read, config.host_token_us * 1e-6)
 
 
 def _replay_plain(cache: ExpertCache, schedule: Schedule) -> None:
@@ -216,8 +285,8 @@ def _replay_plain(cache: ExpertCache, schedule: Schedule) -> None:
             step += 1
 
 
-def _replay_full(trace: Trace, config: SimConfig, schedule: Schedule, cache: ExpertCache, timed: bool,
-                 prefetching: bool) -> SimResult:
+def _replay_full(trace: Trace, config: SimConfig, schedule: Schedule, cache: ExpertCache,
+                 timed: bool) -> SimResult:
     """The replay through ``cache.step.LayerStep``: the engine's own per-layer protocol."""
     layers = trace.num_layers
     expert_bytes = int(config.expert_bytes or 1)
@@ -228,27 +297,43 @@ def _replay_full(trace: Trace, config: SimConfig, schedule: Schedule, cache: Exp
     counters = StepCounters.create(layers, trace.num_experts)
     link = timed_link(config) if timed else InstantLink()
     prefetch = NoPrefetching()
-    if prefetching:
+    if config.prefetch != "none":
         predictor = build_predictor(config.prefetch, **shape.predictor_kwargs(config.prefetch_lookahead),
                                     routers=None, path=config.predictor_path,
                                     trace=(trace.experts, [r.tolist() for r in schedule.rows]))
-        prefetch = Prefetching(predictor, PrefetchPlanner(expert_bytes, int(budget)), cache, link, counters,
-                               expert_bytes)
-    step = LayerStep(cache, link, counters, expert_bytes, prefetch)
-    ones = [1] * trace.num_experts  # token counts per expert: only the engine's heat map reads them
+        planner = PrefetchPlanner(expert_bytes, int(budget), gate=config.prefetch_gate)
+        prefetch = Prefetching(predictor, planner, cache, link, counters, expert_bytes)
+    hybrid = hybrid_model(config) if config.cpu_compute != "never" else None
+    step = LayerStep(cache, link, counters, expert_bytes, prefetch, hybrid if hybrid is not None else NO_HOST)
+    router = _CacheAwareReplay(trace, config.cache_aware_routing, cache, counters) \
+        if config.cache_aware_routing is not None else None
+    compute = link.compute if timed else None
     experts_t = torch.from_numpy(trace.experts.astype(np.int64))
     hidden_t = torch.from_numpy(trace.hidden) if trace.hidden is not None else None
-    for rows, step_layers, starts in zip(schedule.rows, schedule.experts, schedule.request_starts):
+    for rows, step_layers, step_counts, starts in zip(schedule.rows, schedule.experts, schedule.counts,
+                                                      schedule.request_starts):
         for request in starts:
             cache.start_request(request)
             prefetch.begin_request()
         prefetch.reset()
         rows_t = torch.from_numpy(rows)
         routing = experts_t[rows_t]  # [T, L, K]
-        for layer, experts in enumerate(step_layers):
+        for layer in range(layers):
+            idx = routing[:, layer]  # [T, K]
+            if router is not None:
+                idx, experts, counts = router.route(rows_t, layer, idx)
+            else:
+                experts = step_layers[layer]
+                counts = step_counts[layer] if step_counts is not None else [1] * len(experts)
             hidden = hidden_t[rows_t, layer] if hidden_t is not None else None
-            for _wave in step.run(layer, experts, ones[: len(experts)], 1, hidden, routing[:, layer]):
-                pass  # the engine computes here; the link's clock charges it
+            device_waves = 0
+            for wave in step.run(layer, experts, counts, 1, hidden, idx):
+                if not wave.on_host:
+                    device_waves += 1  # the engine computes here; the link's clock charges it
+                elif compute is not None:
+                    tokens = dict(zip(experts, counts))
+                    seconds = sum(hybrid.host_seconds(tokens[e]) for e in wave.experts)
+                    compute(seconds if device_waves else seconds + link.compute_seconds)
     step.sync_counters()
     if timed:
         link.finish()
@@ -257,12 +342,36 @@ def _replay_full(trace: Trace, config: SimConfig, schedule: Schedule, cache: Exp
         moved = counters.demand_copies + counters.prefetch_copies
     total = link.now if timed else None
     return _result(config, trace, schedule, cache, moved=moved, prefetch=prefetch_outcomes(prefetch),
-                   stall=sum(counters.stall_seconds) if timed else None, total=total)
+                   stall=sum(counters.stall_seconds) if timed else None, total=total, counters=counters)
+
+
+class _CacheAwareReplay:
+    """The engine's cache-aware routing on recorded router scores: substitute, then count unique experts."""
+
+    def __init__(self, trace: Trace, delta: float, cache: ExpertCache, counters: StepCounters) -> None:
+        self.delta = float(delta)
+        self.cache = cache
+        self.counters = counters
+        self.num_experts = trace.num_experts
+        self.scores = torch.from_numpy(trace.scores) if trace.scores is not None else None  # [N, L, E]
+
+    def route(self, rows: torch.Tensor, layer: int, idx: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
+        if self.scores is not None:
+            resident = torch.zeros(self.num_experts, dtype=torch.bool)
+            for key in self.cache.resident(layer):
+                resident[key.expert] = True
+            # The weights ride along unchanged; the replay has no use for them, so the index stands in.
+            result = cache_aware_route(self.scores[rows, layer], idx, idx, resident, self.delta)
+            self.counters.routing_substitutions += int(result.substitutions)
+            idx = result.top_k_index
+        unique, counts = torch.unique(idx, return_counts=True)  # as the engine's experts function
+        return idx, unique.tolist(), counts.tolist()
 
 
 def prefetch_outcomes(prefetch: Prefetching | NoPrefetching) -> dict[str, int]:
+    """The planner's outcome counts; empty without prefetching (as a replay of the policy alone)."""
     planner = getattr(prefetch, "planner", None)
-    return planner.outcomes.as_dict() if planner is not None else PrefetchOutcomes().as_dict()
+    return planner.outcomes.as_dict() if planner is not None else {}
 
 
 def timed_link(config: SimConfig, mover: Callable[[ExpertKey, int], None] | None = None) -> TimedLink:
@@ -274,7 +383,8 @@ def timed_link(config: SimConfig, mover: Callable[[ExpertKey, int], None] | None
 
 
 def _result(config: SimConfig, trace: Trace, schedule: Schedule, cache: ExpertCache, *, moved: int,
-            prefetch: dict[str, int], stall: float | None = None, total: float | None = None) -> SimResult:
+            prefetch: dict[str, int], stall: float | None = None, total: float | None = None,
+            counters: StepCounters | None = None) -> SimResult:
     return SimResult(
         policy=config.policy,
         hits=sum(cache.hits),
@@ -287,4 +397,6 @@ def _result(config: SimConfig, trace: Trace, schedule: Schedule, cache: ExpertCa
         prefetch=prefetch,
         stall_seconds=stall,
         total_seconds=total,
+        host_computed=counters.cpu_computed if counters is not None else 0,
+        routing_substitutions=counters.routing_substitutions if counters is not None else 0,
     )

@@ -23,6 +23,14 @@ and another ignores, and every table is taken over a grid of regimes:
 Within a token and layer the experts are: the previous token's that repeat, then
 successors of the layer above, then draws without replacement from the mixed
 popularity (Gumbel top-k), up to ``top_k`` distinct experts.
+
+Router scores (``scores=True``, for cache-aware routing): a softmax over logits
+drawn as the experts are, the request's popularity at its start (drift is not
+followed) plus Gumbel noise, from a generator of their own (the routing is the
+same with or without them). The drawn logits are then reassigned so that the
+routed experts hold the top ``top_k`` values in router order and the others
+keep their relative order below: the gaps between a routed expert and the
+runners-up, which decide a substitution, are those of a Gumbel top-k draw.
 """
 
 from __future__ import annotations
@@ -91,8 +99,11 @@ def _spread(base: float, spread: float, layers: int) -> np.ndarray:
     return base * (1.0 + offsets)
 
 
-def synth_trace(config: SynthConfig) -> Trace:
-    """Generate a trace; the same config (seed included) always gives the same arrays."""
+def synth_trace(config: SynthConfig, scores: bool = False) -> Trace:
+    """Generate a trace; the same config (seed included) always gives the same arrays.
+
+    ``scores``: also the router scores ``[N, L, E]`` (see the module docstring).
+    """
     config.validate()
     rng = np.random.default_rng(config.seed)
     L, E, K = config.layers, config.experts, config.top_k
@@ -126,9 +137,11 @@ def synth_trace(config: SynthConfig) -> Trace:
     step = np.empty(n, np.int32)
     row = 0
     step_id = 0
+    start_logp = []  # [L, E] per request, for the router scores
     for r, (p, d) in enumerate(lengths):
         topic = int(rng.integers(config.topics))
         logp = np.log((1.0 - tw) * base + tw * topic_pop[topic] + 1e-300)  # [L, E]
+        start_logp.append(logp.copy())
         prev: list[list[int]] = [[] for _ in range(L)]
         for pos in range(p + d):
             cur: list[list[int]] = []
@@ -171,7 +184,24 @@ def synth_trace(config: SynthConfig) -> Trace:
     meta = {"experts": E, "top_k": K, "model": "synthetic", "architecture": "synthetic",
             "moe_layers": list(range(L)), "synth": asdict(config)}
     return Trace(experts=experts, weights=weights.astype(np.float16), request=request, position=position,
-                 phase=phase, meta=meta, step=step)
+                 phase=phase, meta=meta, step=step,
+                 scores=_router_scores(experts, np.stack(start_logp)[request], config.seed) if scores else None)
+
+
+def _router_scores(experts: np.ndarray, logp: np.ndarray, seed: int) -> np.ndarray:
+    """Softmax scores ``[N, L, E]`` whose top ``K`` are ``experts [N, L, K]`` in order (module docstring)."""
+    K = experts.shape[-1]
+    z = logp + np.random.default_rng([seed, 1]).gumbel(size=logp.shape)  # [N, L, E]
+    values = -np.sort(-z, axis=-1)  # [N, L, E] descending
+    rank_key = z.copy()
+    lift = values[..., :1] + 1.0 + (K - np.arange(K))  # [N, L, K]: routed experts first, in router order
+    np.put_along_axis(rank_key, experts.astype(np.int64), lift, axis=-1)
+    order = np.argsort(-rank_key, axis=-1, kind="stable")  # [N, L, E]: experts by rank
+    logits = np.empty_like(z)
+    np.put_along_axis(logits, order, values, axis=-1)
+    logits -= logits.max(axis=-1, keepdims=True)
+    probs = np.exp(logits)
+    return (probs / probs.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
 def config_fields() -> list[tuple[str, type]]:

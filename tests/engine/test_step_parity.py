@@ -90,21 +90,22 @@ def test_simulator_counts_equal_the_live_engine(recorded, predictor, timed):
     assert issued_somewhere > 0, "no prefetch was issued: the comparison tested nothing"
 
 
-def test_the_compared_cases_exercise_late_and_cancelled_prefetches(recorded, monkeypatch):
+def test_the_compared_cases_exercise_late_and_cancelled_prefetches(recorded):
     """The step's late and cancelled paths are reachable on this trace: with the planner's value gate off
     (every prediction copied), the timed link makes prefetches late or cancelled. With the gate on (the
     parity cases above) the planner declines most copies the link could not land in time."""
-    import functools
+    from dataclasses import replace
 
-    from prefetch.planner import PrefetchPlanner
-
-    monkeypatch.setattr("traces.simulate.PrefetchPlanner", functools.partial(PrefetchPlanner, gate=False))
     _path, trace, page_bytes, learned = recorded
-    timed = simulate(trace, _sim_config("lfu", "freq", page_bytes, learned, True, POLICIES["lfu"])).as_dict()
+
+    def ungated(*args) -> SimConfig:
+        return replace(_sim_config(*args), prefetch_gate=False)
+
+    timed = simulate(trace, ungated("lfu", "freq", page_bytes, learned, True, POLICIES["lfu"])).as_dict()
     assert timed["prefetch"]["late"] > 0 and timed["stall_seconds_per_token"] > 0
-    tight = simulate(trace, _sim_config("lru", "freq", page_bytes, learned, True, POLICIES["lru"])).as_dict()
+    tight = simulate(trace, ungated("lru", "freq", page_bytes, learned, True, POLICIES["lru"])).as_dict()
     assert tight["prefetch"]["cancelled"] > 0
-    instant = simulate(trace, _sim_config("lfu", "freq", page_bytes, learned, False, POLICIES["lfu"])).as_dict()
+    instant = simulate(trace, ungated("lfu", "freq", page_bytes, learned, False, POLICIES["lfu"])).as_dict()
     assert instant["prefetch"]["late"] == 0 and instant["prefetch"]["useful"] > 0
 
 
