@@ -5,8 +5,16 @@ its host page, than to copy to the device (llama.cpp's CPU-expert mode,
 Fiddler and ktransformers exploit this). The rule compares two times for each
 miss: one page copy over the link, and the host kernel on that expert for the
 miss's tokens (a fixed part, reading the page, plus a part per token). A miss
-goes to the host when its host time is below the copy time; a miss with a free
-slot in its scope is always fetched: it costs no eviction and warms the cache.
+with a free slot in its scope is always fetched: it costs no eviction and warms
+the cache.
+
+Deciding miss by miss would be myopic: once the cache is full, an expert that is
+used again and again would be computed on the host every time and never fetched
+once. So the rule rents before it buys (ski rental): a miss goes to the host
+while the host time this expert has cost since it was last fetched, this miss
+included, stays below one copy; the miss that would reach it fetches the expert.
+No expert then costs more than twice what the better of "always host" and
+"fetch once" would have cost it.
 
 Design: pure bookkeeping, no tensors, so the live engine (which measures the
 times on its machine, ``engine.cost.calibrate``) and the simulator (which is
@@ -31,6 +39,7 @@ class HybridCostModel:
         self.fetch_seconds = float(fetch_seconds)
         self.fixed = float(fixed_seconds)
         self.per_token = float(token_seconds)
+        self.rent: dict = {}  # ExpertKey -> host seconds spent on it since it was last fetched
 
     @classmethod
     def from_timings(cls, mode: str, fetch_seconds: float, host_seconds_1: float,
@@ -42,12 +51,12 @@ class HybridCostModel:
     def host_seconds(self, tokens: int) -> float:
         return self.fixed + self.per_token * tokens
 
-    def prefer_host(self, tokens: int, free_slot: bool) -> bool:
+    def prefer_host(self, tokens: int, free_slot: bool, rent: float = 0.0) -> bool:
         if self.mode == "always":
             return True
         if self.mode == "never" or free_slot:
             return False
-        return self.host_seconds(tokens) < self.fetch_seconds
+        return rent + self.host_seconds(tokens) < self.fetch_seconds
 
     def choose(self, layer: int, experts: list[int], counts: list[int], cache: ExpertCache,
                inflight) -> list[int]:
@@ -57,8 +66,10 @@ class HybridCostModel:
         for key, n in zip(cache.keys_of(layer, experts), counts):
             if key in inflight or cache.is_resident(key):
                 continue
-            if self.prefer_host(n, free):
+            rent = self.rent.pop(key, 0.0)  # a fetched expert starts renting afresh
+            if self.prefer_host(n, free, rent):
                 out.append(key.expert)
+                self.rent[key] = rent + self.host_seconds(n)
         return out
 
     def describe(self) -> dict:
