@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from cuda_ext import native_cpu
+
 SHAPES = {
     "olmoe": {"hidden_size": 1024, "num_hidden_layers": 16, "num_experts": 64, "num_experts_per_tok": 8,
                   "intermediate_size": 1024, "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 50304},
@@ -97,17 +99,6 @@ def build_checkpoint(out: Path, shape: dict, dtype: torch.dtype, shard_bytes: in
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     cfg.save_pretrained(out)
     return out
-
-
-def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """The machine's memory read bandwidth in GB/s: the best of a few full reads of a large buffer."""
-    buf = torch.ones(int(gib * 2**30 // 4), dtype=torch.float32)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        buf.sum()
-        best = min(best, time.perf_counter() - t0)
-    return buf.numel() * 4 / best / 1e9
 
 
 def expert_bytes_per_token(shape: dict, page_bytes: int) -> int:
@@ -264,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         results[case] = best
     results = list(results.values())
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    bandwidth = read_bandwidth()
+    bandwidth = native_cpu.read_bandwidth()  # the native streaming read over all threads (cuda_ext.native_cpu)
     hf = next((r for r in results if r["case"] == "hf"), None)
     print(f"\nread bandwidth measured in this run: {bandwidth:.1f} GB/s")
     print(f"{'case':<6} {'load s':>8} {'peak RSS GB':>12} {'RSS/ckpt':>9} {'decode tok/s':>13} {'vs hf':>6} "

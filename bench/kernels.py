@@ -7,7 +7,7 @@ Shapes: an OLMoE-like MoE layer (H = I = 1024, 64 experts, top-8) and dense
 (the unique routed experts' weights, or the dense matrix) over the call's time.
 Every call reads weights that are not in the last-level cache: the experts
 rotate over enough layers, and the dense matrices over enough copies, to span
-at least ``--span-gb``. The read bandwidth is a torch sum over a 1 GiB buffer.
+at least ``--span-gb``. The read bandwidth is the native streaming read of a 1 GiB buffer over the same threads.
 Methods: torch bf16 / fp32 (a loop over experts as transformers runs it),
 oneDNN prepacked bf16 (``mkldnn._linear_pointwise``), and the native kernels on
 bf16, int8 and int4 pages (``cuda_ext.moe_ffn`` / ``cuda_ext.linear``).
@@ -45,12 +45,6 @@ def timeit(fn: Callable[[int], object], min_time: float = 0.4, min_reps: int = 5
         i += 1
     times.sort()
     return times[0], times[len(times) // 2]
-
-
-def read_bandwidth(gib: float = 1.0) -> float:
-    buf = torch.ones(int(gib * GiB) // 4, dtype=torch.float32)
-    best, _ = timeit(lambda i: buf.sum(), min_time=1.0)
-    return buf.numel() * 4 / best / 1e9
 
 
 def routing(T: int, layers: int, calls: int = 64, seed: int = 0) -> list[tuple[int, torch.Tensor]]:
@@ -171,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = {}
     for th in threads:
         torch.set_num_threads(th)
-        bandwidth[th] = read_bandwidth()
+        bandwidth[th] = native_cpu.read_bandwidth()
         print(f"read bandwidth, {th} thread(s): {bandwidth[th]:.1f} GB/s")
 
     def measure(section: str, shape: str, T: int, methods: dict) -> None:

@@ -354,6 +354,23 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optio
   return out.to(x.scalar_type());
 }
 
+// Reads every byte of t once, split across threads (the machine's read bandwidth, for benchmarks);
+// returns an XOR of the words so the reads cannot be optimised away.
+int64_t stream_read(const at::Tensor& t) {
+  TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "stream_read: a contiguous CPU tensor");
+  const auto* p = static_cast<const uint64_t*>(t.data_ptr());
+  const int64_t words = t.numel() * t.element_size() / 8;
+  std::atomic<uint64_t> acc{0};
+  at::parallel_for(0, words, 1 << 16, [&](int64_t b, int64_t e) {
+    uint64_t x0 = 0, x1 = 0, x2 = 0, x3 = 0;
+    int64_t i = b;
+    for (; i + 4 <= e; i += 4) { x0 ^= p[i]; x1 ^= p[i + 1]; x2 ^= p[i + 2]; x3 ^= p[i + 3]; }
+    for (; i < e; ++i) x0 ^= p[i];
+    acc.fetch_xor(x0 ^ x1 ^ x2 ^ x3);
+  });
+  return static_cast<int64_t>(acc.load());
+}
+
 std::string set_isa(c10::string_view name) {
   const int want = level_of(std::string(name));
   TORCH_CHECK(want >= 0, "set_isa: unknown ISA ", std::string(name), " (avx512bf16, avx512, avx2)");
@@ -386,4 +403,5 @@ TORCH_LIBRARY(moepager_cpu, m) {
   m.def("set_isa(str name) -> str", &moepager_cpu::set_isa);
   m.def("isa() -> str", &moepager_cpu::current_isa);
   m.def("detected_isa() -> str", &moepager_cpu::detected_isa);
+  m.def("stream_read(Tensor t) -> int", &moepager_cpu::stream_read);
 }

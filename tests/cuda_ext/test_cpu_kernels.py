@@ -351,3 +351,12 @@ def test_unpack_on_cuda_equals_cpu():
     page = _pages(fmt)[0].contiguous()
     for a, b in zip(fmt.unpack(page.cuda(), torch.bfloat16), fmt.unpack(page, torch.bfloat16)):
         torch.testing.assert_close(a.cpu(), b, rtol=0, atol=0)
+
+
+def test_stream_read_reads_every_word(native):
+    words = torch.randint(-2**62, 2**62, (3 * 2**17 + 5,), dtype=torch.int64, generator=torch.Generator().manual_seed(0))
+    want = 0
+    for w in words.tolist():
+        want ^= w
+    assert torch.ops.moepager_cpu.stream_read(words) == want
+    assert native_cpu.read_bandwidth(gib=0.0625, repeats=1) > 0
