@@ -42,6 +42,7 @@ class ExpertCache:
         num_layers: int,
         capacities: Sequence[int],
         scope: str = "layer",
+        num_experts: int | None = None,
     ) -> None:
         if scope not in ("layer", "global"):
             raise ValueError(f"cache scope must be 'layer' or 'global', got {scope!r}")
@@ -62,6 +63,10 @@ class ExpertCache:
         for cap in self.capacities:
             self._free.append(list(range(start + cap - 1, start - 1, -1)))  # pop() gives lowest first
             start += cap
+        # A scope with a slot for every expert it serves never evicts: its policy has nothing to decide,
+        # so its accesses skip the policy's bookkeeping (``num_experts`` per layer, when given).
+        per_scope = None if num_experts is None else num_experts * (1 if scope == "layer" else num_layers)
+        self._holds_all = [per_scope is not None and cap >= per_scope for cap in self.capacities]
         self._resident: list[dict[ExpertKey, int]] = [{} for _ in self.capacities]  # per scope: key -> slot
         self._where: dict[ExpertKey, int] = {}  # key -> slot, all scopes
         self._key_cache: dict[int, dict[int, ExpertKey]] = {}
@@ -164,7 +169,7 @@ class ExpertCache:
     def _access_one_wave(self, layer: int, scope: int, keys: list[ExpertKey], step: int) -> StepResult:
         """The common case of :meth:`access` (nothing pinned, one wave), with the same decisions."""
         where = self._where
-        on_access = self.policy.on_access
+        on_access = _ignore if self._holds_all[scope] else self.policy.on_access
         res = StepResult()
         misses = []
         for key in keys:
@@ -220,6 +225,7 @@ class ExpertCache:
             policy.on_insert(key)
 
     # -- internals -------------------------------------------------------------
+
     def _make_room(self, scope: int, protected: AbstractSet[ExpertKey]) -> tuple[int, ExpertKey | None]:
         if self._free[scope]:
             return self._free[scope].pop(), None
@@ -233,3 +239,7 @@ class ExpertCache:
         self._resident[scope][key] = slot
         self._where[key] = slot
         self.policy.on_insert(key)
+
+
+def _ignore(key: ExpertKey, hit: bool, step: int) -> None:
+    return None

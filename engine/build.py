@@ -78,7 +78,8 @@ def build_runtime(config: EngineConfig, loaded, device: torch.device, capacities
     store = loaded.store
     blocks = [block for _, block, _ in loaded.moe_blocks]
     shape = ModelShape(store.num_layers, store.num_experts, loaded.top_k, store.page_bytes)
-    cache = ExpertCache(build_policy(config.cache_policy, shape), shape.num_layers, capacities, config.cache_scope)
+    cache = ExpertCache(build_policy(config.cache_policy, shape), shape.num_layers, capacities, config.cache_scope,
+                        shape.num_experts)
     counters = StepCounters.create(shape.num_layers, shape.num_experts)
     counters.capacity_bytes = cache.num_slots * store.page_bytes
     counters.page_bytes_saved = store.page_bytes_saved()

@@ -20,7 +20,7 @@ class EngineConfig:
     expert_slots: int | None = None  # slots across all MoE layers; None with no GB budget: all experts
     expert_cache_gb: float | None = None
     cache_scope: str = "layer"
-    cache_policy: str = "lru"
+    cache_policy: str = "adaptive"  # follows whichever of lru, lfu, decayed lfu, lfru wins per layer
     prefetch: str = "none"
     prefetch_lookahead: int = 1
     predictor_path: str | None = None

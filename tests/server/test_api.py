@@ -170,9 +170,9 @@ def test_unknown_model_is_404(client):
 
 def test_models_version_health(client):
     (card,) = client.get("/v1/models").json()["data"]
-    assert card["max_model_len"] == MAX_MODEL_LEN and card["cache_policy"] == "lru"
+    assert card["max_model_len"] == MAX_MODEL_LEN and card["cache_policy"] == "adaptive"  # the default
     version = client.get("/version").json()
-    assert version["version"] and version["cache_policy"] == "lru" and "prefetch" in version
+    assert version["version"] and version["cache_policy"] == "adaptive" and "prefetch" in version
     kernels = version["kernels"]
     assert kernels["moe_ffn"].startswith(("native-", "reference")) and kernels["expert_pages"] and kernels["cpu_isa"]
     assert client.get("/health").status_code == 200
@@ -184,7 +184,7 @@ def test_cache_policy_switch(client):
     assert client.get("/v1/models").json()["data"][0]["cache_policy"] == "lfu"
     error = assert_error(client.post("/v1/admin/cache_policy", json={"policy": "nope"}), 400, "policy")
     assert "lru" in error["message"]
-    assert client.post("/v1/admin/cache_policy", json={"policy": "lru"}).status_code == 200
+    assert client.post("/v1/admin/cache_policy", json={"policy": "adaptive"}).status_code == 200
 
 
 def test_expert_stats_is_json(client):
