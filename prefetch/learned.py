@@ -1,23 +1,44 @@
 """``learned``: a small model trained on routing traces that predicts the next layers' experts.
 
-Design: one multinomial logistic model per (source layer l, distance d), over
-multi-hot routing features that are all known when layer l has routed:
+Design: the logits of layer t = l + d's experts, predicted when source layer l
+has routed, are the sum of two parts, both over inputs known at that moment:
 
-- the current token's experts at layers l and l-1 (cross-layer affinity);
-- the previous token's experts at layers l+d and l+d-1 (temporal locality);
-- optionally layer l's hidden state, standardised (when the trace recorded it).
+- a *direct* part, one multinomial-logistic unit per (l, d) over multi-hot
+  routing: the current token's experts at l and l-1 and the previous token's at
+  t and t-1 (optionally plus layer l's hidden state, standardised). It carries
+  the strong first-order signals: a path from layer l to t, and temporal
+  locality at t. With no path part this is the whole model (``width`` 0; files
+  written before the path part load as such);
+- a *path* part, one hidden layer of ``width`` ReLU units per (row, source layer)
+  read by an output head per (d, l). Its input is a sum of per-layer embedding
+  bags: the current token's experts at every layer <= l (scaled by
+  1/sqrt(l+1), so the scale does not grow along the stack), layer l's again
+  (its own table, so the latest layer can interact with the path), every layer
+  of the previous token, and the mean of every layer of the ``history - 1``
+  tokens before it. That is where cross-layer paths, request topics and
+  drift beyond one token show up.
 
-Multi-hot inputs make the model an embedding-bag: the logits are a sum of 4K+1
-weight rows, so it trains on a CPU in seconds to minutes and predicts in
-microseconds. It is trained with a softmax cross-entropy against the true K-hot
-target, so ``K * softmax`` estimates the chance that a token uses an expert.
+Embedding bags make both parts sums of table rows, so training is a few
+large matrix products per minibatch and live prediction at T=1 is a few
+gathers and one [width] x [width, E] product per target layer, in numpy. The
+model is trained with a softmax cross-entropy against the true K-hot target,
+so ``K * softmax`` estimates the chance that a token uses an expert.
 
-File format (safetensors): ``weight [D, L, F, E]`` (F = 4E + 1, last row the
-bias), ``freq [L, E]`` (training-split routing shares, for the baseline), and
-when trained with hidden states ``hidden_weight [D, L, H, E]``, ``hidden_mean``
-and ``hidden_std [L, H]``. Header metadata: ``format`` = ``moepager.predictor``,
+History ("lag m" = the m-th previous token of the request): prefill rows have
+none (live, a prefill forward reaches layer l before the previous prompt
+token's later layers have routed); a decode row's lags are the request's
+previous rows, whatever their phase, as the live predictor sees them when the
+prompt was one forward.
+
+File format (safetensors): ``weight [D, L, 4E+1, E]`` (the direct part; last
+row the bias), ``freq [L, E]`` (training-split routing shares, for the
+baseline); with hidden states ``hidden_weight [D, L, H, E]``, ``hidden_mean``
+and ``hidden_std [L, H]``; with a path part ``path_cur``, ``path_last``,
+``path_prev``, ``path_hist [L, E, W]``, ``path_bias [L, W]`` and
+``head [D, L, W, E]``. Header metadata: ``format`` = ``moepager.predictor``,
 ``kind`` = ``learned``, ``config`` (JSON: num_layers, num_experts, top_k,
-lookahead, hidden_size, features) and free JSON fields such as ``heldout``.
+lookahead, hidden_size, width, history, features) and free JSON fields such as
+``heldout`` and ``train``.
 """
 
 from __future__ import annotations
@@ -33,30 +54,42 @@ from cache.base import ExpertKey
 from prefetch.base import index_array, register_predictor, scored_top, target_layers
 
 FORMAT = "moepager.predictor"
-FEATURES = "cur[l],cur[l-1],prev[l+d],prev[l+d-1],bias"
+FEATURES = "direct:cur[l],cur[l-1],prev[l+d],prev[l+d-1],bias;path:cur[<=l],cur[l],prev[*],hist[*]"
+DIRECT_ONLY = "cur[l],cur[l-1],prev[l+d],prev[l+d-1],bias"  # files written before the path part
+PATH_TABLES = ("path_cur", "path_last", "path_prev", "path_hist")
 
 
 class LearnedModel(torch.nn.Module):
-    def __init__(self, num_layers: int, num_experts: int, top_k: int, lookahead: int, hidden_size: int = 0) -> None:
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, lookahead: int, hidden_size: int = 0,
+                 width: int = 0, history: int = 1) -> None:
         super().__init__()
         if lookahead < 1 or lookahead >= num_layers:
             raise ValueError(f"lookahead must be in 1..{num_layers - 1} for {num_layers} MoE layers, got {lookahead}")
+        if width < 0 or history < 1:
+            raise ValueError(f"need width >= 0 and history >= 1, got width={width}, history={history}")
         self.num_layers, self.num_experts, self.top_k = int(num_layers), int(num_experts), int(top_k)
         self.lookahead, self.hidden_size = int(lookahead), int(hidden_size)
-        self.features = 4 * self.num_experts + 1
-        self.pad = self.lookahead * self.num_layers * self.features  # index of the all-zero padding row
-        self.weight = torch.nn.Parameter(torch.zeros(self.pad + 1, self.num_experts))
+        self.width, self.history = int(width), int(history)
+        L, E, W = self.num_layers, self.num_experts, self.width
+        self.features = 4 * E + 1
+        self.pad = self.lookahead * L * self.features  # index of the all-zero padding row
+        self.weight = torch.nn.Parameter(torch.zeros(self.pad + 1, E))
         if self.hidden_size:
-            self.hidden_weight = torch.nn.Parameter(
-                torch.zeros(self.lookahead, self.num_layers, self.hidden_size, self.num_experts))
-            self.register_buffer("hidden_mean", torch.zeros(self.num_layers, self.hidden_size))
-            self.register_buffer("hidden_std", torch.ones(self.num_layers, self.hidden_size))
-        self.register_buffer("freq", torch.zeros(self.num_layers, self.num_experts))
+            self.hidden_weight = torch.nn.Parameter(torch.zeros(self.lookahead, L, self.hidden_size, E))
+            self.register_buffer("hidden_mean", torch.zeros(L, self.hidden_size))
+            self.register_buffer("hidden_std", torch.ones(L, self.hidden_size))
+        if W:
+            # Embedding rows j * E + e (layer j, expert e); the last row is the all-zero padding.
+            for name in PATH_TABLES:
+                setattr(self, name, torch.nn.Parameter(torch.zeros(L * E + 1, W)))
+            self.path_bias = torch.nn.Parameter(torch.zeros(L, W))
+            self.head = torch.nn.Parameter(torch.zeros(self.lookahead, L, W, E))
+        self.register_buffer("freq", torch.zeros(L, E))
         self.meta: dict = {}
 
     # -- the model -------------------------------------------------------------
-    def feature_index(self, cur: np.ndarray, prev: np.ndarray, distance: int, layers: np.ndarray) -> torch.Tensor:
-        """Weight-row indices [B, nl, 4K+1] for source ``layers`` at ``distance``.
+    def direct_index(self, cur: np.ndarray, prev: np.ndarray, distance: int, layers: np.ndarray) -> torch.Tensor:
+        """Direct-part weight-row indices [B, nl, 4K+1] for source ``layers`` at ``distance``.
 
         ``cur``/``prev`` are expert ids [B, L, K] (-1: unknown or no previous token);
         only cur's layers <= l are read.
@@ -74,45 +107,81 @@ class LearnedModel(torch.nn.Module):
         base = ((distance - 1) * L + layers) * self.features  # [nl]
         return torch.from_numpy(np.where(local >= 0, base[None, :, None] + local, self.pad))
 
-    def logits(self, cur: np.ndarray, prev: np.ndarray, distance: int, layers,
-               hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, nl, E] of layer l+distance's experts; ``hidden`` is [B, nl, H] at the source layers."""
+    def path_hidden(self, cur: np.ndarray, lags: np.ndarray) -> torch.Tensor:
+        """The path part's hidden units [B, L, W] for every source layer.
+
+        ``cur`` [B, L, K] and ``lags`` [B, M, L, K] (the previous M tokens, -1: none).
+        """
+        b, L, k = cur.shape
+        E, pad = self.num_experts, L * self.num_experts
+        offs = (np.arange(L) * E)[:, None]  # [L, 1]
+        cur_rows = torch.from_numpy(np.where(cur >= 0, cur + offs, pad).reshape(b * L, k))
+        per_layer = F.embedding_bag(cur_rows, self.path_cur, mode="sum", padding_idx=pad).view(b, L, -1)
+        scale = torch.rsqrt(torch.arange(1, L + 1, dtype=torch.float32))[None, :, None]
+        x = per_layer.cumsum(1) * scale                                       # [B, L, W]: layers <= l
+        x = x + F.embedding_bag(cur_rows, self.path_last, mode="sum", padding_idx=pad).view(b, L, -1)
+        m = lags.shape[1]
+        lag_rows = np.where(lags >= 0, lags + offs, pad)                       # [B, M, L, K]
+        x = x + F.embedding_bag(torch.from_numpy(lag_rows[:, 0].reshape(b, -1)), self.path_prev, mode="sum",
+                                padding_idx=pad)[:, None]
+        if m > 1:
+            hist = F.embedding_bag(torch.from_numpy(lag_rows[:, 1:].reshape(b, -1)), self.path_hist, mode="sum",
+                                   padding_idx=pad)                            # [B, W]
+            count = torch.from_numpy((lags[:, 1:, 0, 0] >= 0).sum(1).clip(1, None).astype(np.float32))
+            x = x + (hist / count[:, None])[:, None]
+        return torch.relu(x + self.path_bias)
+
+    def logits(self, cur: np.ndarray, lags: np.ndarray, distance: int, layers,
+               hidden: torch.Tensor | None = None, path: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, nl, E] of layer l+distance's experts.
+
+        ``lags`` is [B, M, L, K] (M >= 1; lag 1 is the previous token); ``hidden`` is
+        [B, nl, H] at the source layers; ``path`` is :meth:`path_hidden`'s output,
+        passed when several distances share it.
+        """
         layers = np.asarray(layers, dtype=np.int64)
-        idx = self.feature_index(cur, prev, distance, layers)  # [B, nl, J]
+        idx = self.direct_index(cur, lags[:, 0], distance, layers)  # [B, nl, J]
         b, nl, j = idx.shape
         out = F.embedding_bag(idx.reshape(b * nl, j), self.weight, mode="sum", padding_idx=self.pad)
         out = out.reshape(b, nl, self.num_experts)
+        li = torch.from_numpy(layers)
         if self.hidden_size and hidden is not None:
-            li = torch.from_numpy(layers)
             h = (hidden.float() - self.hidden_mean[li]) / self.hidden_std[li]  # [B, nl, H]
             out = out + torch.einsum("bnh,nhe->bne", h, self.hidden_weight[distance - 1, li])
+        if self.width:
+            if path is None:
+                path = self.path_hidden(cur, lags)
+            out = out + torch.einsum("bnw,nwe->bne", path[:, li], self.head[distance - 1, li])
         return out
 
-    def probs(self, cur, prev, distance, layers, hidden=None) -> torch.Tensor:
+    def probs(self, cur, lags, distance, layers, hidden=None) -> torch.Tensor:
         """P(a token uses each expert) [B, nl, E], estimated as K * softmax."""
-        return (self.logits(cur, prev, distance, layers, hidden).softmax(-1) * self.top_k).clamp_(max=1.0)
+        return (self.logits(cur, lags, distance, layers, hidden).softmax(-1) * self.top_k).clamp_(max=1.0)
 
     @torch.no_grad()
     def predict_array(self, experts: np.ndarray, request: np.ndarray, distance: int, *,
                       phase: np.ndarray | None = None, hidden: np.ndarray | None = None,
-                      batch_rows: int = 1024) -> np.ndarray:
-        """Top-K predicted experts [N, L-d, K] of layer l+d for every row and source layer l."""
+                      batch_rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """Top-K experts [N, L-d, K] of layer l+d for every row and source layer l, and their probabilities."""
         experts = np.asarray(experts, dtype=np.int64)
-        prev = previous_rows(experts, request, phase)
+        lag_rows = history_rows(request, phase, self.history)
         layers = np.arange(self.num_layers - distance)
         out = np.empty((experts.shape[0], len(layers), self.top_k), dtype=np.int64)
+        prob = np.empty(out.shape, dtype=np.float32)
         for s in range(0, experts.shape[0], batch_rows):
             h = None
             if self.hidden_size and hidden is not None:
                 h = torch.from_numpy(np.asarray(hidden[s:s + batch_rows, layers], dtype=np.float32))
-            lg = self.logits(experts[s:s + batch_rows], prev[s:s + batch_rows], distance, layers, h)
-            out[s:s + batch_rows] = lg.topk(self.top_k, dim=-1).indices.numpy()
-        return out
+            lags = gather_lags(experts, lag_rows[s:s + batch_rows])
+            top = self.probs(experts[s:s + batch_rows], lags, distance, layers, h).topk(self.top_k, dim=-1)
+            out[s:s + batch_rows], prob[s:s + batch_rows] = top.indices.numpy(), top.values.numpy()
+        return out, prob
 
     # -- files -----------------------------------------------------------------
     def config(self) -> dict:
         return {"num_layers": self.num_layers, "num_experts": self.num_experts, "top_k": self.top_k,
-                    "lookahead": self.lookahead, "hidden_size": self.hidden_size, "features": FEATURES}
+                "lookahead": self.lookahead, "hidden_size": self.hidden_size, "width": self.width,
+                "history": self.history, "features": FEATURES}
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
@@ -123,6 +192,10 @@ class LearnedModel(torch.nn.Module):
         if self.hidden_size:
             tensors.update(hidden_weight=self.hidden_weight.detach().contiguous(),
                            hidden_mean=self.hidden_mean.contiguous(), hidden_std=self.hidden_std.contiguous())
+        if self.width:
+            for name in PATH_TABLES:
+                tensors[name] = getattr(self, name).detach()[:-1].reshape(L, E, self.width).contiguous()
+            tensors.update(path_bias=self.path_bias.detach().contiguous(), head=self.head.detach().contiguous())
         meta = {"format": FORMAT, "kind": "learned", "config": json.dumps(self.config())}
         meta.update({k: json.dumps(v) for k, v in self.meta.items()})
         save_file(tensors, str(path), metadata=meta)
@@ -143,39 +216,62 @@ class LearnedModel(torch.nn.Module):
         if meta.get("format") != FORMAT or meta.get("kind") != "learned":
             raise ValueError(f"{path} is not a moepager learned predictor (format={meta.get('format')!r})")
         cfg = json.loads(meta["config"])
-        if cfg.get("features") != FEATURES:
-            raise ValueError(f"{path} uses features {cfg.get('features')!r}; this moepager reads {FEATURES!r}")
-        model = cls(cfg["num_layers"], cfg["num_experts"], cfg["top_k"], cfg["lookahead"], cfg["hidden_size"])
+        if cfg.get("features") == DIRECT_ONLY:
+            cfg.update(width=0, history=1)  # the direct part alone, as files were written before the path part
+        elif cfg.get("features") != FEATURES:
+            raise ValueError(f"{path} uses features {cfg.get('features')!r}, which this moepager cannot read; "
+                             f"retrain it with `moepager predictor train`")
+        model = cls(cfg["num_layers"], cfg["num_experts"], cfg["top_k"], cfg["lookahead"], cfg["hidden_size"],
+                    cfg["width"], cfg["history"])
         tensors = load_file(str(path))
         with torch.no_grad():
             model.weight[:-1] = tensors["weight"].reshape(-1, model.num_experts)
             model.freq.copy_(tensors["freq"])
             if model.hidden_size:
-                model.hidden_weight.copy_(tensors["hidden_weight"])
-                model.hidden_mean.copy_(tensors["hidden_mean"])
-                model.hidden_std.copy_(tensors["hidden_std"])
+                for name in ("hidden_weight", "hidden_mean", "hidden_std"):
+                    getattr(model, name).copy_(tensors[name])
+            if model.width:
+                for name in PATH_TABLES:
+                    getattr(model, name)[:-1] = tensors[name].reshape(-1, model.width)
+                model.path_bias.copy_(tensors["path_bias"])
+                model.head.copy_(tensors["head"])
         model.meta = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "kind", "config")}
         return model.eval()
 
 
-def previous_rows(experts: np.ndarray, request: np.ndarray, phase: np.ndarray | None = None) -> np.ndarray:
-    """The previous token's experts [N, L, K] for each row (-1 where there is none).
+def history_rows(request: np.ndarray, phase: np.ndarray | None, lags: int) -> np.ndarray:
+    """Row indices [N, lags] of each row's previous ``lags`` tokens in its request (-1: none).
 
-    The previous token is the previous row of the same request. With ``phase``,
-    prefill rows (phase 0) get none: live, a prefill forward reaches layer l
-    before the previous prompt token's later layers have routed.
+    Rows of a request are taken in file order. With ``phase``, prefill rows
+    (phase 0) get none; a decode row's lags are its request's previous rows.
     """
-    experts = np.asarray(experts, dtype=np.int64)
     request = np.asarray(request)
+    n = len(request)
     order = np.argsort(request, kind="stable")
-    same = np.zeros(len(order), dtype=bool)
+    same = np.zeros(n, dtype=bool)
     same[1:] = request[order[1:]] == request[order[:-1]]
-    prev_row = np.full(len(order), -1, dtype=np.int64)
+    prev_row = np.full(n, -1, dtype=np.int64)
     prev_row[order[1:][same[1:]]] = order[:-1][same[1:]]
+    out = np.full((n, lags), -1, dtype=np.int64)
+    cur = prev_row
+    for m in range(lags):
+        out[:, m] = cur
+        cur = np.where(cur >= 0, prev_row[np.maximum(cur, 0)], -1)
     if phase is not None:
-        prev_row[np.asarray(phase) == 0] = -1
-    out = np.where((prev_row >= 0)[:, None, None], experts[np.maximum(prev_row, 0)], -1)
+        out[np.asarray(phase) == 0] = -1
     return out
+
+
+def gather_lags(experts: np.ndarray, lag_rows: np.ndarray) -> np.ndarray:
+    """The experts [B, M, L, K] of the rows ``lag_rows`` [B, M] point at (-1 where it is -1)."""
+    got = experts[np.maximum(lag_rows, 0)]  # [B, M, L, K]
+    return np.where((lag_rows >= 0)[:, :, None, None], got, -1)
+
+
+def previous_rows(experts: np.ndarray, request: np.ndarray, phase: np.ndarray | None = None) -> np.ndarray:
+    """The previous token's experts [N, L, K] for each row (-1 where there is none)."""
+    experts = np.asarray(experts, dtype=np.int64)
+    return gather_lags(experts, history_rows(request, phase, 1))[:, 0]
 
 
 @register_predictor("learned")
@@ -195,48 +291,95 @@ class LearnedPredictor:
                              f"retrain with --lookahead {lookahead}")
         self.model = model
         self.num_layers, self.num_experts, self.top_k = model.num_layers, model.num_experts, model.top_k
-        self.lookahead = int(lookahead)
-        # The per-layer path runs in numpy on views of the model's weights: a few microseconds per
-        # target layer at T=1, where torch's per-op overhead would dominate.
-        E = self.num_experts
-        self._w = model.weight.detach()[:-1].reshape(model.lookahead, self.num_layers, model.features, E).numpy()
+        self.lookahead, self.history, self.width = int(lookahead), model.history, model.width
+        # The per-layer path runs in numpy on views of the model's weights: tens of microseconds per
+        # layer at T=1, where torch's per-op overhead would dominate.
+        L, E, W = self.num_layers, self.num_experts, self.width
+        self._w = model.weight.detach()[:-1].reshape(model.lookahead, L, model.features, E).numpy()
         self._hw = None
         if model.hidden_size:
             self._hw = (model.hidden_weight.detach().numpy(), model.hidden_mean.numpy(), model.hidden_std.numpy())
-        self._offsets = np.arange(4)[:, None] * E  # block offsets into a (l, d) weight matrix
+        if W:
+            t = {name: getattr(model, name).detach()[:-1].reshape(L, E, W).numpy() for name in PATH_TABLES}
+            self._cur_t, self._last_t, self._prev_t, self._hist_t = (t[n] for n in PATH_TABLES)
+            self._bias = model.path_bias.detach().numpy()
+            self._head = model.head.detach().numpy()  # [D, L, W, E]
+            self._scale = 1.0 / np.sqrt(np.arange(1, L + 1))
+        self._offsets = np.arange(4)[:, None] * E  # block offsets into a (l, d) direct weight matrix
+        self._layer_ids = np.arange(L)[:, None]
         self._cur: np.ndarray | None = None  # [T, L, K] this step's routing (-1 = not yet routed)
-        self._prev: np.ndarray | None = None  # [T', L, K] the previous step's
+        self._path: np.ndarray | None = None  # [T, L, W] layer j's path_cur embedding bag, this step
+        self._context: np.ndarray | None = None  # [T, W] this step's history input (set at its first layer)
+        self._steps: list[np.ndarray] = []  # the request's last steps' routing [T', L, K], newest first
+        self._tail: np.ndarray | None = None  # the request's last `history` tokens [<=M, L, K], newest first
         self._hidden: torch.Tensor | None = None
 
     def begin_request(self) -> None:
-        self._prev = None
-        self._cur = None
+        self._steps, self._tail, self._cur = [], None, None
 
     def reset(self) -> None:
         if self._cur is not None:
-            self._prev = self._cur
+            self._steps = [self._cur, *self._steps][: self.history]
+            rows = self._cur[::-1]  # a step's rows are tokens in order: newest first
+            self._tail = (rows if self._tail is None else np.concatenate([rows, self._tail]))[: self.history]
         self._cur = None
+
+    def _lags(self, tokens: int) -> list[np.ndarray]:
+        """The previous tokens' routing for this step, lag 1 first: [T or 1, L, K] each.
+
+        At T=1 (decode) they are the request's last tokens, however the earlier
+        forwards were batched (a prompt of one forward is a run of tokens). With
+        T > 1 rows, a step of the same row count lends row i to row i, any other
+        step its last row.
+        """
+        if tokens == 1:
+            return [] if self._tail is None else [t[None] for t in self._tail]
+        return [s if s.shape[0] == tokens else s[-1:] for s in self._steps]
 
     def observe(self, layer: int, hidden: torch.Tensor | None, top_k_index) -> None:
         idx = index_array(top_k_index)  # [T, K]
-        if self._cur is None or self._cur.shape[0] != idx.shape[0]:
-            self._cur = np.full((idx.shape[0], self.num_layers, idx.shape[1]), -1, dtype=np.int64)
+        tokens = idx.shape[0]
+        if self._cur is None or self._cur.shape[0] != tokens:
+            self._cur = np.full((tokens, self.num_layers, idx.shape[1]), -1, dtype=np.int64)
+            if self.width:
+                self._path = np.zeros((tokens, self.num_layers, self.width), dtype=np.float32)
+                self._context = self._history_input(tokens)
         self._cur[:, layer] = idx
+        if self.width:
+            self._path[:, layer] = self._cur_t[layer, idx].sum(axis=1)
         self._hidden = hidden if self._hw is not None else None
+
+    def _history_input(self, tokens: int) -> np.ndarray:
+        """The previous token's and older tokens' embedding bags [T or 1, W]."""
+        lags = self._lags(tokens)
+        out = np.zeros((1, self.width), dtype=np.float32)
+        if lags:
+            out = self._bag(self._prev_t, lags[0])
+        if len(lags) > 1:
+            out = out + sum(self._bag(self._hist_t, g) for g in lags[1:]) / (len(lags) - 1)
+        return out
+
+    def _bag(self, table: np.ndarray, routing: np.ndarray) -> np.ndarray:
+        """Sum over layers and experts of ``table`` [L, E, W] rows for ``routing`` [T, L, K]: [T, W]."""
+        return table[self._layer_ids, routing].sum(axis=(1, 2))
 
     def predict(self, layer: int) -> list[tuple[ExpertKey, float]]:
         cur = self._cur
         if cur is None:
             return []
         tokens, _, k = cur.shape
-        prev = self._prev
-        if prev is not None and prev.shape[0] != tokens:
-            prev = prev[-1:]  # e.g. the first decode step after a prefill: its last token came just before
-        h = None
+        lags = self._lags(tokens)
+        prev = lags[0] if lags else None
+        h = hw = None
         if self._hidden is not None:
             hw, mean, std = self._hw
             # sync: the hidden state to the host (only for predictors trained with hidden states)
             h = (self._hidden.detach().to("cpu", torch.float32).numpy().reshape(tokens, -1) - mean[layer]) / std[layer]
+        hid = None
+        if self.width:
+            x = self._path[:, : layer + 1].sum(axis=1) * self._scale[layer]  # [T, W]
+            x += self._last_t[layer, cur[:, layer]].sum(axis=1) + self._context + self._bias[layer]
+            hid = np.maximum(x, 0.0)
         E = self.num_experts
         out: list[tuple[ExpertKey, float]] = []
         for target in target_layers(layer, self.lookahead, self.num_layers):
@@ -254,6 +397,8 @@ class LearnedPredictor:
             logits = (w[rows] * valid.reshape(tokens, -1, 1)).sum(axis=1) + w[4 * E]  # [T, E]
             if h is not None:
                 logits = logits + h @ hw[d - 1, layer]
+            if hid is not None:
+                logits = logits + hid @ self._head[d - 1, layer]
             z = np.exp(logits - logits.max(axis=1, keepdims=True))
             p = np.minimum(z / z.sum(axis=1, keepdims=True) * self.top_k, 1.0)  # [T, E]
             p_any = 1.0 - np.prod(1.0 - p, axis=0)  # some token of the step uses it
