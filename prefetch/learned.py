@@ -48,7 +48,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cache.base import ExpertKey
 from prefetch.base import index_array, register_predictor, scored_top, target_layers
@@ -72,91 +71,72 @@ class LearnedModel(torch.nn.Module):
         self.width, self.history = int(width), int(history)
         L, E, W = self.num_layers, self.num_experts, self.width
         self.features = 4 * E + 1
-        self.pad = self.lookahead * L * self.features  # index of the all-zero padding row
-        self.weight = torch.nn.Parameter(torch.zeros(self.pad + 1, E))
+        self.weight = torch.nn.Parameter(torch.zeros(self.lookahead, L, self.features, E))
         if self.hidden_size:
             self.hidden_weight = torch.nn.Parameter(torch.zeros(self.lookahead, L, self.hidden_size, E))
             self.register_buffer("hidden_mean", torch.zeros(L, self.hidden_size))
             self.register_buffer("hidden_std", torch.ones(L, self.hidden_size))
         if W:
-            # Embedding rows j * E + e (layer j, expert e); the last row is the all-zero padding.
-            for name in PATH_TABLES:
-                setattr(self, name, torch.nn.Parameter(torch.zeros(L * E + 1, W)))
+            for name in PATH_TABLES:  # [layer, expert, unit]
+                setattr(self, name, torch.nn.Parameter(torch.zeros(L, E, W)))
             self.path_bias = torch.nn.Parameter(torch.zeros(L, W))
             self.head = torch.nn.Parameter(torch.zeros(self.lookahead, L, W, E))
         self.register_buffer("freq", torch.zeros(L, E))
         self.meta: dict = {}
 
     # -- the model -------------------------------------------------------------
-    def direct_index(self, cur: np.ndarray, prev: np.ndarray, distance: int, layers: np.ndarray) -> torch.Tensor:
-        """Direct-part weight-row indices [B, nl, 4K+1] for source ``layers`` at ``distance``.
+    # Training reads the multi-hot inputs as dense [.., E] rows and multiplies: at K/E of about a tenth
+    # that costs less than an embedding bag's backward, which sorts every index of the batch.
+    def multi_hot(self, experts: np.ndarray) -> torch.Tensor:
+        """Expert ids [..., K] (-1: none) as a multi-hot [..., E] float tensor."""
+        idx = torch.from_numpy(np.where(experts >= 0, experts, self.num_experts))
+        hot = torch.zeros(idx.shape[:-1] + (self.num_experts + 1,))
+        return hot.scatter_(-1, idx, 1.0)[..., : self.num_experts]
 
-        ``cur``/``prev`` are expert ids [B, L, K] (-1: unknown or no previous token);
-        only cur's layers <= l are read.
-        """
-        E, L = self.num_experts, self.num_layers
-        layers = np.asarray(layers, dtype=np.int64)
-        blocks = [
-            cur[:, layers],                                                   # [B, nl, K]
-            np.where((layers >= 1)[None, :, None], cur[:, np.maximum(layers - 1, 0)], -1),
-            prev[:, layers + distance],
-            prev[:, layers + distance - 1],
-        ]
-        local = np.concatenate([np.where(b >= 0, b + i * E, -1) for i, b in enumerate(blocks)], axis=-1)
-        local = np.concatenate([local, np.full(local.shape[:2] + (1,), 4 * E)], axis=-1)  # the bias row
-        base = ((distance - 1) * L + layers) * self.features  # [nl]
-        return torch.from_numpy(np.where(local >= 0, base[None, :, None] + local, self.pad))
-
-    def path_hidden(self, cur: np.ndarray, lags: np.ndarray) -> torch.Tensor:
+    def path_hidden(self, cur: torch.Tensor, lags: torch.Tensor) -> torch.Tensor:
         """The path part's hidden units [B, L, W] for every source layer.
 
-        ``cur`` [B, L, K] and ``lags`` [B, M, L, K] (the previous M tokens, -1: none).
+        ``cur`` [B, L, E] and ``lags`` [B, M, L, E] are multi-hot (the previous M
+        tokens; all zero where there is none).
         """
-        b, L, k = cur.shape
-        E, pad = self.num_experts, L * self.num_experts
-        offs = (np.arange(L) * E)[:, None]  # [L, 1]
-        cur_rows = torch.from_numpy(np.where(cur >= 0, cur + offs, pad).reshape(b * L, k))
-        per_layer = F.embedding_bag(cur_rows, self.path_cur, mode="sum", padding_idx=pad).view(b, L, -1)
+        b, L, E = cur.shape
+        per_layer = torch.einsum("ble,lew->blw", cur, self.path_cur)
         scale = torch.rsqrt(torch.arange(1, L + 1, dtype=torch.float32))[None, :, None]
-        x = per_layer.cumsum(1) * scale                                       # [B, L, W]: layers <= l
-        x = x + F.embedding_bag(cur_rows, self.path_last, mode="sum", padding_idx=pad).view(b, L, -1)
-        m = lags.shape[1]
-        lag_rows = np.where(lags >= 0, lags + offs, pad)                       # [B, M, L, K]
-        x = x + F.embedding_bag(torch.from_numpy(lag_rows[:, 0].reshape(b, -1)), self.path_prev, mode="sum",
-                                padding_idx=pad)[:, None]
-        if m > 1:
-            hist = F.embedding_bag(torch.from_numpy(lag_rows[:, 1:].reshape(b, -1)), self.path_hist, mode="sum",
-                                   padding_idx=pad)                            # [B, W]
-            count = torch.from_numpy((lags[:, 1:, 0, 0] >= 0).sum(1).clip(1, None).astype(np.float32))
-            x = x + (hist / count[:, None])[:, None]
+        x = per_layer.cumsum(1) * scale + torch.einsum("ble,lew->blw", cur, self.path_last)  # layers <= l, and l
+        x = x + (lags[:, 0].reshape(b, L * E) @ self.path_prev.reshape(L * E, -1))[:, None]
+        if lags.shape[1] > 1:
+            count = (lags[:, 1:].sum((2, 3)) > 0).sum(1).clamp_min(1)  # [B] older tokens there are
+            hist = lags[:, 1:].sum(1).reshape(b, L * E) / count[:, None]
+            x = x + (hist @ self.path_hist.reshape(L * E, -1))[:, None]
         return torch.relu(x + self.path_bias)
 
-    def logits(self, cur: np.ndarray, lags: np.ndarray, distance: int, layers,
-               hidden: torch.Tensor | None = None, path: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, nl, E] of layer l+distance's experts.
+    def logits(self, cur: torch.Tensor, lags: torch.Tensor, distance: int, hidden: torch.Tensor | None = None,
+               path: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, L-d, E] of layer l+d's experts for every source layer l = 0 .. L-d-1.
 
-        ``lags`` is [B, M, L, K] (M >= 1; lag 1 is the previous token); ``hidden`` is
-        [B, nl, H] at the source layers; ``path`` is :meth:`path_hidden`'s output,
-        passed when several distances share it.
+        ``cur`` [B, L, E] and ``lags`` [B, M, L, E] (M >= 1; lag 1 is the previous
+        token) are multi-hot; only cur's layers <= l are read for source l.
+        ``hidden`` is [B, L-d, H] at the source layers; ``path`` is
+        :meth:`path_hidden`'s output, passed when several distances share it.
         """
-        layers = np.asarray(layers, dtype=np.int64)
-        idx = self.direct_index(cur, lags[:, 0], distance, layers)  # [B, nl, J]
-        b, nl, j = idx.shape
-        out = F.embedding_bag(idx.reshape(b * nl, j), self.weight, mode="sum", padding_idx=self.pad)
-        out = out.reshape(b, nl, self.num_experts)
-        li = torch.from_numpy(layers)
+        d, nl = distance, self.num_layers - distance
+        prev = lags[:, 0]
+        before = torch.cat([torch.zeros_like(cur[:, :1]), cur[:, : nl - 1]], 1)  # layer l-1 (none for l = 0)
+        x = torch.cat([cur[:, :nl], before, prev[:, d:], prev[:, d - 1: d - 1 + nl]], -1)  # [B, nl, 4E]
+        w = self.weight[d - 1, :nl]  # [nl, 4E+1, E]
+        out = torch.einsum("bnf,nfe->bne", x, w[:, :-1]) + w[:, -1]
         if self.hidden_size and hidden is not None:
-            h = (hidden.float() - self.hidden_mean[li]) / self.hidden_std[li]  # [B, nl, H]
-            out = out + torch.einsum("bnh,nhe->bne", h, self.hidden_weight[distance - 1, li])
+            h = (hidden.float() - self.hidden_mean[:nl]) / self.hidden_std[:nl]  # [B, nl, H]
+            out = out + torch.einsum("bnh,nhe->bne", h, self.hidden_weight[d - 1, :nl])
         if self.width:
             if path is None:
                 path = self.path_hidden(cur, lags)
-            out = out + torch.einsum("bnw,nwe->bne", path[:, li], self.head[distance - 1, li])
+            out = out + torch.einsum("bnw,nwe->bne", path[:, :nl], self.head[d - 1, :nl])
         return out
 
-    def probs(self, cur, lags, distance, layers, hidden=None) -> torch.Tensor:
-        """P(a token uses each expert) [B, nl, E], estimated as K * softmax."""
-        return (self.logits(cur, lags, distance, layers, hidden).softmax(-1) * self.top_k).clamp_(max=1.0)
+    def probs(self, cur, lags, distance, hidden=None) -> torch.Tensor:
+        """P(a token uses each expert) [B, L-d, E], estimated as K * softmax."""
+        return (self.logits(cur, lags, distance, hidden).softmax(-1) * self.top_k).clamp_(max=1.0)
 
     @torch.no_grad()
     def predict_array(self, experts: np.ndarray, request: np.ndarray, distance: int, *,
@@ -165,15 +145,16 @@ class LearnedModel(torch.nn.Module):
         """Top-K experts [N, L-d, K] of layer l+d for every row and source layer l, and their probabilities."""
         experts = np.asarray(experts, dtype=np.int64)
         lag_rows = history_rows(request, phase, self.history)
-        layers = np.arange(self.num_layers - distance)
-        out = np.empty((experts.shape[0], len(layers), self.top_k), dtype=np.int64)
+        nl = self.num_layers - distance
+        out = np.empty((experts.shape[0], nl, self.top_k), dtype=np.int64)
         prob = np.empty(out.shape, dtype=np.float32)
         for s in range(0, experts.shape[0], batch_rows):
             h = None
             if self.hidden_size and hidden is not None:
-                h = torch.from_numpy(np.asarray(hidden[s:s + batch_rows, layers], dtype=np.float32))
-            lags = gather_lags(experts, lag_rows[s:s + batch_rows])
-            top = self.probs(experts[s:s + batch_rows], lags, distance, layers, h).topk(self.top_k, dim=-1)
+                h = torch.from_numpy(np.asarray(hidden[s:s + batch_rows, :nl], dtype=np.float32))
+            cur = self.multi_hot(experts[s:s + batch_rows])
+            lags = self.multi_hot(gather_lags(experts, lag_rows[s:s + batch_rows]))
+            top = self.probs(cur, lags, distance, h).topk(self.top_k, dim=-1)
             out[s:s + batch_rows], prob[s:s + batch_rows] = top.indices.numpy(), top.values.numpy()
         return out, prob
 
@@ -186,16 +167,13 @@ class LearnedModel(torch.nn.Module):
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 
-        D, L, Fe, E = self.lookahead, self.num_layers, self.features, self.num_experts
-        tensors = {"weight": self.weight.detach()[:-1].reshape(D, L, Fe, E).contiguous(),
-                   "freq": self.freq.detach().contiguous()}
+        tensors = {"weight": self.weight.detach().contiguous(), "freq": self.freq.detach().contiguous()}
         if self.hidden_size:
             tensors.update(hidden_weight=self.hidden_weight.detach().contiguous(),
                            hidden_mean=self.hidden_mean.contiguous(), hidden_std=self.hidden_std.contiguous())
         if self.width:
-            for name in PATH_TABLES:
-                tensors[name] = getattr(self, name).detach()[:-1].reshape(L, E, self.width).contiguous()
-            tensors.update(path_bias=self.path_bias.detach().contiguous(), head=self.head.detach().contiguous())
+            for name in (*PATH_TABLES, "path_bias", "head"):
+                tensors[name] = getattr(self, name).detach().contiguous()
         meta = {"format": FORMAT, "kind": "learned", "config": json.dumps(self.config())}
         meta.update({k: json.dumps(v) for k, v in self.meta.items()})
         save_file(tensors, str(path), metadata=meta)
@@ -225,16 +203,13 @@ class LearnedModel(torch.nn.Module):
                     cfg["width"], cfg["history"])
         tensors = load_file(str(path))
         with torch.no_grad():
-            model.weight[:-1] = tensors["weight"].reshape(-1, model.num_experts)
-            model.freq.copy_(tensors["freq"])
+            names = ["weight", "freq"]
             if model.hidden_size:
-                for name in ("hidden_weight", "hidden_mean", "hidden_std"):
-                    getattr(model, name).copy_(tensors[name])
+                names += ["hidden_weight", "hidden_mean", "hidden_std"]
             if model.width:
-                for name in PATH_TABLES:
-                    getattr(model, name)[:-1] = tensors[name].reshape(-1, model.width)
-                model.path_bias.copy_(tensors["path_bias"])
-                model.head.copy_(tensors["head"])
+                names += [*PATH_TABLES, "path_bias", "head"]
+            for name in names:
+                getattr(model, name).copy_(tensors[name])
         model.meta = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "kind", "config")}
         return model.eval()
 
@@ -295,13 +270,13 @@ class LearnedPredictor:
         # The per-layer path runs in numpy on views of the model's weights: tens of microseconds per
         # layer at T=1, where torch's per-op overhead would dominate.
         L, E, W = self.num_layers, self.num_experts, self.width
-        self._w = model.weight.detach()[:-1].reshape(model.lookahead, L, model.features, E).numpy()
+        self._w = model.weight.detach().numpy()  # [D, L, 4E+1, E]
         self._hw = None
         if model.hidden_size:
             self._hw = (model.hidden_weight.detach().numpy(), model.hidden_mean.numpy(), model.hidden_std.numpy())
         if W:
-            t = {name: getattr(model, name).detach()[:-1].reshape(L, E, W).numpy() for name in PATH_TABLES}
-            self._cur_t, self._last_t, self._prev_t, self._hist_t = (t[n] for n in PATH_TABLES)
+            self._cur_t, self._last_t, self._prev_t, self._hist_t = (getattr(model, n).detach().numpy()
+                                                                     for n in PATH_TABLES)  # [L, E, W]
             self._bias = model.path_bias.detach().numpy()
             self._head = model.head.detach().numpy()  # [D, L, W, E]
             self._scale = 1.0 / np.sqrt(np.arange(1, L + 1))

@@ -83,14 +83,15 @@ def decode_rows(phase: np.ndarray | None, n: int) -> np.ndarray:
 
 
 class _Rows:
-    """Training arrays and the row indices of each row's history, cut into minibatches."""
+    """Training arrays and the row indices of each row's history, cut into multi-hot minibatches."""
 
-    def __init__(self, experts, lag_rows, hidden, rows: np.ndarray) -> None:
-        self.experts, self.lag_rows, self.hidden, self.rows = experts, lag_rows, hidden, rows
+    def __init__(self, model: LearnedModel, experts, lag_rows, hidden, rows: np.ndarray) -> None:
+        self.model, self.experts, self.lag_rows, self.hidden, self.rows = model, experts, lag_rows, hidden, rows
 
     def batch(self, rows: np.ndarray):
         h = None if self.hidden is None else torch.from_numpy(np.asarray(self.hidden[rows], dtype=np.float32))
-        return self.experts[rows], gather_lags(self.experts, self.lag_rows[rows]), h
+        hot = self.model.multi_hot
+        return hot(self.experts[rows]), hot(gather_lags(self.experts, self.lag_rows[rows])), h
 
 
 def _loss(model: LearnedModel, cur, lags, hidden, weights: np.ndarray | None = None) -> torch.Tensor:
@@ -99,10 +100,9 @@ def _loss(model: LearnedModel, cur, lags, hidden, weights: np.ndarray | None = N
     path = model.path_hidden(cur, lags) if model.width else None
     loss = torch.zeros(())
     for d in range(1, model.lookahead + 1):
-        layers = np.arange(num_layers - d)
-        h = None if hidden is None else hidden[:, layers]
-        logits = model.logits(cur, lags, d, layers, h, path)  # [B, L-d, E]
-        target = torch.zeros_like(logits).scatter_(-1, torch.from_numpy(cur[:, d:]), 1.0 / top_k)
+        h = None if hidden is None else hidden[:, : num_layers - d]
+        logits = model.logits(cur, lags, d, h, path)  # [B, L-d, E]
+        target = cur[:, d:] / top_k
         per_row = -(target * logits.log_softmax(-1)).sum(-1).mean(-1)  # [B]
         if weights is None:
             loss = loss + per_row.mean()
@@ -163,16 +163,16 @@ def train_learned(
         else np.zeros(n, dtype=bool)
     fit = np.flatnonzero(~held)
     lag_rows = history_rows(request, phase, history)  # requests never straddle the split
-    train, val = _Rows(experts, lag_rows, hidden, fit), _Rows(experts, lag_rows, hidden, np.flatnonzero(held))
     hidden_size = 0 if hidden is None else int(hidden.shape[-1])
     model = LearnedModel(num_layers, num_experts, top_k, lookahead, hidden_size, width, history)
+    train = _Rows(model, experts, lag_rows, hidden, fit)
+    val = _Rows(model, experts, lag_rows, hidden, np.flatnonzero(held))
     with torch.no_grad():
         model.freq.copy_(torch.from_numpy(routing_shares(experts[fit], num_experts)))
         # Start from the layer's marginal distribution: the model then learns only what the features add.
         log_freq = torch.log(model.freq + 1e-4)  # [L, E]
-        w = model.weight[:-1].view(lookahead, num_layers, model.features, num_experts)
         for d in range(1, lookahead + 1):
-            w[d - 1, : num_layers - d, -1] = log_freq[d:]
+            model.weight[d - 1, : num_layers - d, -1] = log_freq[d:]
         if hidden_size:
             h = torch.from_numpy(np.asarray(hidden[fit[: 4096]], dtype=np.float32))  # [n', L, H]
             model.hidden_mean.copy_(h.mean(0))
@@ -182,9 +182,7 @@ def train_learned(
             # Each bag sums about K * (layers) rows: unit-scale inputs to the hidden units.
             for name, rows in (("path_cur", top_k), ("path_last", top_k), ("path_prev", top_k * num_layers),
                                ("path_hist", top_k * num_layers)):
-                table = getattr(model, name)
-                torch.nn.init.normal_(table, std=rows**-0.5, generator=gen)
-                table[-1] = 0.0
+                torch.nn.init.normal_(getattr(model, name), std=rows**-0.5, generator=gen)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     best, best_loss, best_epoch, epoch = None, float("inf"), 0, 0
     for epoch in range(1, epochs + 1):
