@@ -109,13 +109,13 @@ def run_case(label: str, trace: Trace, holdout: float, lookahead: int, seed: int
         seconds = time.perf_counter() - t0
         decode = np.flatnonzero(rows)
         case["predictors"][name] = {
-            "scores": evaluate(model, *test, lookahead, phase=test[2], rows=rows), "train_seconds": seconds,
+            "scores": evaluate(model, test[0], test[1], lookahead, phase=test[2], rows=rows), "train_seconds": seconds,
             **model.meta["fit"], "latency": predict_latency(model, test[0][decode], test[1][decode], lookahead),
             "params": sum(p.numel() for p in model.parameters())}
         print(f"  {name}: {seconds:.0f} s, F1@1 {case['predictors'][name]['scores'][1]['f1']:.3f}", flush=True)
     shares = routing_shares(experts[~held], trace.num_experts)
     for name, fn in (("prev", prev_baseline), ("freq", freq_baseline(shares))):
-        case["predictors"][name] = {"scores": evaluate(fn, *test, lookahead, phase=test[2], rows=rows)}
+        case["predictors"][name] = {"scores": evaluate(fn, test[0], test[1], lookahead, phase=test[2], rows=rows)}
     return case
 
 

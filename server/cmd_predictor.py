@@ -89,7 +89,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("traces", nargs="+", metavar="TRACE", help="trace files (.safetensors)")
     t.add_argument("--out", required=True, metavar="PRED", help="output predictor file (.safetensors)")
     t.add_argument("--lookahead", type=_positive_int, default=2, help="layers ahead to predict (default 2)")
-    t.add_argument("--epochs", type=_positive_int, default=30, help="most epochs to train (default 30)")
+    t.add_argument("--epochs", type=_positive_int, default=20, help="most epochs to train (default 20)")
     t.add_argument("--patience", type=_positive_int, default=2,
                    help="stop after this many epochs without a better validation loss (default 2)")
     t.add_argument("--validation", type=float, default=0.1,
@@ -103,7 +103,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="previous tokens of the request the path part reads (default 4)")
     t.add_argument("--batch-rows", type=_positive_int, default=2048, help="rows per minibatch (default 2048)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--lr", type=float, default=0.01)
+    t.add_argument("--lr", type=float, default=0.03)
     t.add_argument("--use-hidden", action="store_true", help="also learn from the traces' hidden states")
     t.add_argument("--phase", default="decode", choices=PHASES,
                    help="rows scored: decode rows (default, when the trace has any) or all")
