@@ -269,8 +269,10 @@ class LearnedPredictor:
         self.lookahead, self.history, self.width = int(lookahead), model.history, model.width
         # The per-layer path runs in numpy on views of the model's weights: tens of microseconds per
         # layer at T=1, where torch's per-op overhead would dominate.
-        L, E, W = self.num_layers, self.num_experts, self.width
-        self._w = model.weight.detach().numpy()  # [D, L, 4E+1, E]
+        L, W = self.num_layers, self.width
+        # [D, L, 4E+2, E]: the direct weights and an all-zero row (index 4E+1) for absent inputs.
+        w = model.weight.detach().numpy()
+        self._w = np.concatenate([w, np.zeros_like(w[:, :, :1])], axis=2)
         self._hw = None
         if model.hidden_size:
             self._hw = (model.hidden_weight.detach().numpy(), model.hidden_mean.numpy(), model.hidden_std.numpy())
@@ -280,7 +282,6 @@ class LearnedPredictor:
             self._bias = model.path_bias.detach().numpy()
             self._head = model.head.detach().numpy()  # [D, L, W, E]
             self._scale = 1.0 / np.sqrt(np.arange(1, L + 1))
-        self._offsets = np.arange(4)[:, None] * E  # block offsets into a (l, d) direct weight matrix
         self._layer_ids = np.arange(L)[:, None]
         self._cur: np.ndarray | None = None  # [T, L, K] this step's routing (-1 = not yet routed)
         self._path: np.ndarray | None = None  # [T, L, W] layer j's path_cur embedding bag, this step
@@ -355,27 +356,29 @@ class LearnedPredictor:
             x = self._path[:, : layer + 1].sum(axis=1) * self._scale[layer]  # [T, W]
             x += self._last_t[layer, cur[:, layer]].sum(axis=1) + self._context + self._bias[layer]
             hid = np.maximum(x, 0.0)
-        E = self.num_experts
+        targets = target_layers(layer, self.lookahead, self.num_layers)
+        nd, first, E = len(targets), layer + 1, self.num_experts
+        if nd == 0:
+            return []
+        # Direct-part weight rows [T, nd, 4K+1] of every target at once: cur[l], cur[l-1], prev[t], prev[t-1], bias.
+        rows = np.empty((tokens, nd, 4 * k + 1), dtype=np.int64)
+        rows[..., -1] = 4 * E
+        rows[..., :k] = cur[:, None, layer]
+        rows[..., k:2 * k] = cur[:, None, layer - 1] + E if layer >= 1 else 4 * E + 1
+        if prev is None:
+            rows[..., 2 * k:4 * k] = 4 * E + 1
+        else:
+            rows[..., 2 * k:3 * k] = prev[:, first:first + nd] + 2 * E
+            rows[..., 3 * k:4 * k] = prev[:, layer:layer + nd] + 3 * E
+        logits = self._w[np.arange(nd)[:, None], layer, rows].sum(axis=2)  # [T, nd, E]
+        if h is not None:
+            logits += (h @ hw[:nd, layer]).transpose(1, 0, 2)
+        if hid is not None:
+            logits += (hid @ self._head[:nd, layer]).transpose(1, 0, 2)
+        z = np.exp(logits - logits.max(axis=2, keepdims=True))
+        p = np.minimum(z * (self.top_k / z.sum(axis=2, keepdims=True)), 1.0)  # [T, nd, E]
+        p_any = p[0] if tokens == 1 else 1.0 - np.prod(1.0 - p, axis=0)  # some token of the step uses it
         out: list[tuple[ExpertKey, float]] = []
-        for target in target_layers(layer, self.lookahead, self.num_layers):
-            d = target - layer
-            w = self._w[d - 1, layer]  # [4E+1, E]
-            blocks = np.full((tokens, 4, k), -1, dtype=np.int64)  # cur[l], cur[l-1], prev[l+d], prev[l+d-1]
-            blocks[:, 0] = cur[:, layer]
-            if layer >= 1:
-                blocks[:, 1] = cur[:, layer - 1]
-            if prev is not None:
-                blocks[:, 2] = prev[:, target]
-                blocks[:, 3] = prev[:, target - 1]
-            valid = blocks >= 0
-            rows = np.where(valid, blocks + self._offsets, 0).reshape(tokens, -1)  # [T, 4K]
-            logits = (w[rows] * valid.reshape(tokens, -1, 1)).sum(axis=1) + w[4 * E]  # [T, E]
-            if h is not None:
-                logits = logits + h @ hw[d - 1, layer]
-            if hid is not None:
-                logits = logits + hid @ self._head[d - 1, layer]
-            z = np.exp(logits - logits.max(axis=1, keepdims=True))
-            p = np.minimum(z / z.sum(axis=1, keepdims=True) * self.top_k, 1.0)  # [T, E]
-            p_any = 1.0 - np.prod(1.0 - p, axis=0)  # some token of the step uses it
-            out += scored_top(target, d, p_any, self.top_k * tokens)
+        for i, target in enumerate(targets):
+            out += scored_top(target, i + 1, p_any[i], self.top_k * tokens)
         return out
