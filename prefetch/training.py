@@ -48,6 +48,7 @@ from prefetch.learned import LearnedModel, gather_lags, history_rows, previous_r
 # probabilities [N, L-d, W]).
 ArrayPredictor = Callable[..., tuple[np.ndarray, np.ndarray]]
 COPY_THRESHOLD = 0.5
+MIN_STEPS = 16  # optimizer steps per epoch, however few the training rows
 
 
 def holdout_split(request: np.ndarray, holdout: float) -> np.ndarray:
@@ -144,7 +145,9 @@ def train_learned(
 
     The last ``validation`` share of these requests is held back for early
     stopping (0, or a single request: every epoch runs and the last one is
-    kept). ``width`` 0 and ``history`` 1 is the direct part alone.
+    kept). Minibatches are ``batch_rows`` rows, smaller on a small trace so that
+    an epoch is at least ``MIN_STEPS`` steps. ``width`` 0 and ``history`` 1 is
+    the direct part alone.
     ``progress`` receives ``{"epoch", "epochs", "loss", "val_loss", "val_f1",
     "best_epoch", "seconds"}`` after each epoch (the val fields are None
     without a validation split); ``model.meta["fit"]`` records the epochs run
@@ -184,13 +187,15 @@ def train_learned(
                                ("path_hist", top_k * num_layers)):
                 torch.nn.init.normal_(getattr(model, name), std=rows**-0.5, generator=gen)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    # A small trace still gets MIN_STEPS optimizer steps per epoch (batches of at least 64 rows).
+    batch = min(batch_rows, max(64, -(-len(fit) // MIN_STEPS)))
     best, best_loss, best_epoch, epoch = None, float("inf"), 0, 0
     for epoch in range(1, epochs + 1):
         t0, total = time.perf_counter(), 0.0
         model.train()
         perm = rng.permutation(fit)
-        for s in range(0, len(perm), batch_rows):
-            rows = np.sort(perm[s:s + batch_rows])
+        for s in range(0, len(perm), batch):
+            rows = np.sort(perm[s:s + batch])
             loss = _loss(model, *train.batch(rows))
             opt.zero_grad(set_to_none=True)
             loss.backward()
