@@ -18,11 +18,13 @@ has routed, are the sum of two parts, both over inputs known at that moment:
   tokens before it. That is where cross-layer paths, request topics and
   drift beyond one token show up.
 
-Embedding bags make both parts sums of table rows, so training is a few
-large matrix products per minibatch and live prediction at T=1 is a few
-gathers and one [width] x [width, E] product per target layer, in numpy. The
-model is trained with a softmax cross-entropy against the true K-hot target,
-so ``K * softmax`` estimates the chance that a token uses an expert.
+Both parts are sums of table rows picked by expert ids (embedding bags). Live
+prediction at T=1 gathers those rows in numpy (tens of microseconds per layer,
+every target layer at once, one [width] x [width, E] product per target);
+training multiplies multi-hot inputs by the tables instead, a few batched
+matrix products per minibatch. The model is trained with a softmax
+cross-entropy against the true K-hot target, so ``K * softmax`` estimates the
+chance that a token uses an expert.
 
 History ("lag m" = the m-th previous token of the request): prefill rows have
 none (live, a prefill forward reaches layer l before the previous prompt

@@ -171,9 +171,9 @@ def train_learned(
     train = _Rows(model, experts, lag_rows, hidden, fit)
     val = _Rows(model, experts, lag_rows, hidden, np.flatnonzero(held))
     with torch.no_grad():
-        model.freq.copy_(torch.from_numpy(routing_shares(experts[fit], num_experts)))
+        model.freq.copy_(torch.from_numpy(routing_shares(experts, num_experts)))  # the baseline's shares
         # Start from the layer's marginal distribution: the model then learns only what the features add.
-        log_freq = torch.log(model.freq + 1e-4)  # [L, E]
+        log_freq = torch.log(torch.from_numpy(routing_shares(experts[fit], num_experts)) + 1e-4)  # [L, E]
         for d in range(1, lookahead + 1):
             model.weight[d - 1, : num_layers - d, -1] = log_freq[d:]
         if hidden_size:
