@@ -104,7 +104,9 @@ def scored_top(target: int, distance: int, probs, width: int) -> list[tuple[Expe
         return []
     top = np.argpartition(-probs, width - 1)[:width] if width < probs.shape[0] else np.arange(probs.shape[0])
     top = top[np.argsort(-probs[top], kind="stable")]
-    return [(ExpertKey(target, int(e)), float(probs[e]) / distance) for e in top if probs[e] > 0]
+    scores = probs[top]
+    keep = scores > 0
+    return [(ExpertKey(target, e), p / distance) for e, p in zip(top[keep].tolist(), scores[keep].tolist())]
 
 
 def index_array(top_k_index) -> np.ndarray:

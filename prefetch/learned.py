@@ -1,23 +1,46 @@
 """``learned``: a small model trained on routing traces that predicts the next layers' experts.
 
-Design: one multinomial logistic model per (source layer l, distance d), over
-multi-hot routing features that are all known when layer l has routed:
+Design: the logits of layer t = l + d's experts, predicted when source layer l
+has routed, are the sum of two parts, both over inputs known at that moment:
 
-- the current token's experts at layers l and l-1 (cross-layer affinity);
-- the previous token's experts at layers l+d and l+d-1 (temporal locality);
-- optionally layer l's hidden state, standardised (when the trace recorded it).
+- a *direct* part, one multinomial-logistic unit per (l, d) over multi-hot
+  routing: the current token's experts at l and l-1 and the previous token's at
+  t and t-1 (optionally plus layer l's hidden state, standardised). It carries
+  the strong first-order signals: a path from layer l to t, and temporal
+  locality at t. With no path part this is the whole model (``width`` 0; files
+  written before the path part load as such);
+- a *path* part, one hidden layer of ``width`` ReLU units per (row, source layer)
+  read by an output head per (d, l). Its input is a sum of per-layer embedding
+  bags: the current token's experts at every layer <= l (scaled by
+  1/sqrt(l+1), so the scale does not grow along the stack), layer l's again
+  (its own table, so the latest layer can interact with the path), every layer
+  of the previous token, and the mean of every layer of the ``history - 1``
+  tokens before it. That is where cross-layer paths, request topics and
+  drift beyond one token show up.
 
-Multi-hot inputs make the model an embedding-bag: the logits are a sum of 4K+1
-weight rows, so it trains on a CPU in seconds to minutes and predicts in
-microseconds. It is trained with a softmax cross-entropy against the true K-hot
-target, so ``K * softmax`` estimates the chance that a token uses an expert.
+Both parts are sums of table rows picked by expert ids (embedding bags). Live
+prediction at T=1 gathers those rows in numpy (tens of microseconds per layer,
+every target layer at once, one [width] x [width, E] product per target);
+training multiplies multi-hot inputs by the tables instead, a few batched
+matrix products per minibatch. The model is trained with a softmax
+cross-entropy against the true K-hot target, so ``K * softmax`` estimates the
+chance that a token uses an expert.
 
-File format (safetensors): ``weight [D, L, F, E]`` (F = 4E + 1, last row the
-bias), ``freq [L, E]`` (training-split routing shares, for the baseline), and
-when trained with hidden states ``hidden_weight [D, L, H, E]``, ``hidden_mean``
-and ``hidden_std [L, H]``. Header metadata: ``format`` = ``moepager.predictor``,
+History ("lag m" = the m-th previous token of the request): prefill rows have
+none (live, a prefill forward reaches layer l before the previous prompt
+token's later layers have routed); a decode row's lags are the request's
+previous rows, whatever their phase, as the live predictor sees them when the
+prompt was one forward.
+
+File format (safetensors): ``weight [D, L, 4E+1, E]`` (the direct part; last
+row the bias), ``freq [L, E]`` (training-split routing shares, for the
+baseline); with hidden states ``hidden_weight [D, L, H, E]``, ``hidden_mean``
+and ``hidden_std [L, H]``; with a path part ``path_cur``, ``path_last``,
+``path_prev``, ``path_hist [L, E, W]``, ``path_bias [L, W]`` and
+``head [D, L, W, E]``. Header metadata: ``format`` = ``moepager.predictor``,
 ``kind`` = ``learned``, ``config`` (JSON: num_layers, num_experts, top_k,
-lookahead, hidden_size, features) and free JSON fields such as ``heldout``.
+lookahead, hidden_size, width, history, features) and free JSON fields such as
+``heldout`` and ``train``.
 """
 
 from __future__ import annotations
@@ -27,102 +50,132 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cache.base import ExpertKey
 from prefetch.base import index_array, register_predictor, scored_top, target_layers
 
 FORMAT = "moepager.predictor"
-FEATURES = "cur[l],cur[l-1],prev[l+d],prev[l+d-1],bias"
+FEATURES = "direct:cur[l],cur[l-1],prev[l+d],prev[l+d-1],bias;path:cur[<=l],cur[l],prev[*],hist[*]"
+DIRECT_ONLY = "cur[l],cur[l-1],prev[l+d],prev[l+d-1],bias"  # files written before the path part
+PATH_TABLES = ("path_cur", "path_last", "path_prev", "path_hist")
 
 
 class LearnedModel(torch.nn.Module):
-    def __init__(self, num_layers: int, num_experts: int, top_k: int, lookahead: int, hidden_size: int = 0) -> None:
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, lookahead: int, hidden_size: int = 0,
+                 width: int = 0, history: int = 1) -> None:
         super().__init__()
         if lookahead < 1 or lookahead >= num_layers:
             raise ValueError(f"lookahead must be in 1..{num_layers - 1} for {num_layers} MoE layers, got {lookahead}")
+        if width < 0 or history < 1:
+            raise ValueError(f"need width >= 0 and history >= 1, got width={width}, history={history}")
         self.num_layers, self.num_experts, self.top_k = int(num_layers), int(num_experts), int(top_k)
         self.lookahead, self.hidden_size = int(lookahead), int(hidden_size)
-        self.features = 4 * self.num_experts + 1
-        self.pad = self.lookahead * self.num_layers * self.features  # index of the all-zero padding row
-        self.weight = torch.nn.Parameter(torch.zeros(self.pad + 1, self.num_experts))
+        self.width, self.history = int(width), int(history)
+        L, E, W = self.num_layers, self.num_experts, self.width
+        self.features = 4 * E + 1
+        self.weight = torch.nn.Parameter(torch.zeros(self.lookahead, L, self.features, E))
         if self.hidden_size:
-            self.hidden_weight = torch.nn.Parameter(
-                torch.zeros(self.lookahead, self.num_layers, self.hidden_size, self.num_experts))
-            self.register_buffer("hidden_mean", torch.zeros(self.num_layers, self.hidden_size))
-            self.register_buffer("hidden_std", torch.ones(self.num_layers, self.hidden_size))
-        self.register_buffer("freq", torch.zeros(self.num_layers, self.num_experts))
+            self.hidden_weight = torch.nn.Parameter(torch.zeros(self.lookahead, L, self.hidden_size, E))
+            self.register_buffer("hidden_mean", torch.zeros(L, self.hidden_size))
+            self.register_buffer("hidden_std", torch.ones(L, self.hidden_size))
+        if W:
+            for name in PATH_TABLES:  # [layer, expert, unit]
+                setattr(self, name, torch.nn.Parameter(torch.zeros(L, E, W)))
+            self.path_bias = torch.nn.Parameter(torch.zeros(L, W))
+            self.head = torch.nn.Parameter(torch.zeros(self.lookahead, L, W, E))
+        self.register_buffer("freq", torch.zeros(L, E))
         self.meta: dict = {}
 
     # -- the model -------------------------------------------------------------
-    def feature_index(self, cur: np.ndarray, prev: np.ndarray, distance: int, layers: np.ndarray) -> torch.Tensor:
-        """Weight-row indices [B, nl, 4K+1] for source ``layers`` at ``distance``.
+    # Training reads the multi-hot inputs as dense [.., E] rows and multiplies: at K/E of about a tenth
+    # that costs less than an embedding bag's backward, which sorts every index of the batch.
+    def multi_hot(self, experts: np.ndarray) -> torch.Tensor:
+        """Expert ids [..., K] (-1: none) as a multi-hot [..., E] float tensor."""
+        idx = torch.from_numpy(np.where(experts >= 0, experts, self.num_experts))
+        hot = torch.zeros(idx.shape[:-1] + (self.num_experts + 1,))
+        return hot.scatter_(-1, idx, 1.0)[..., : self.num_experts]
 
-        ``cur``/``prev`` are expert ids [B, L, K] (-1: unknown or no previous token);
-        only cur's layers <= l are read.
+    def path_hidden(self, cur: torch.Tensor, lags: torch.Tensor) -> torch.Tensor:
+        """The path part's hidden units [B, L, W] for every source layer.
+
+        ``cur`` [B, L, E] and ``lags`` [B, M, L, E] are multi-hot (the previous M
+        tokens; all zero where there is none).
         """
-        E, L = self.num_experts, self.num_layers
-        layers = np.asarray(layers, dtype=np.int64)
-        blocks = [
-            cur[:, layers],                                                   # [B, nl, K]
-            np.where((layers >= 1)[None, :, None], cur[:, np.maximum(layers - 1, 0)], -1),
-            prev[:, layers + distance],
-            prev[:, layers + distance - 1],
-        ]
-        local = np.concatenate([np.where(b >= 0, b + i * E, -1) for i, b in enumerate(blocks)], axis=-1)
-        local = np.concatenate([local, np.full(local.shape[:2] + (1,), 4 * E)], axis=-1)  # the bias row
-        base = ((distance - 1) * L + layers) * self.features  # [nl]
-        return torch.from_numpy(np.where(local >= 0, base[None, :, None] + local, self.pad))
+        b, L, E = cur.shape
+        per_layer = torch.einsum("ble,lew->blw", cur, self.path_cur)
+        scale = torch.rsqrt(torch.arange(1, L + 1, dtype=torch.float32))[None, :, None]
+        x = per_layer.cumsum(1) * scale + torch.einsum("ble,lew->blw", cur, self.path_last)  # layers <= l, and l
+        x = x + (lags[:, 0].reshape(b, L * E) @ self.path_prev.reshape(L * E, -1))[:, None]
+        if lags.shape[1] > 1:
+            count = (lags[:, 1:].sum((2, 3)) > 0).sum(1).clamp_min(1)  # [B] older tokens there are
+            hist = lags[:, 1:].sum(1).reshape(b, L * E) / count[:, None]
+            x = x + (hist @ self.path_hist.reshape(L * E, -1))[:, None]
+        return torch.relu(x + self.path_bias)
 
-    def logits(self, cur: np.ndarray, prev: np.ndarray, distance: int, layers,
-               hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, nl, E] of layer l+distance's experts; ``hidden`` is [B, nl, H] at the source layers."""
-        layers = np.asarray(layers, dtype=np.int64)
-        idx = self.feature_index(cur, prev, distance, layers)  # [B, nl, J]
-        b, nl, j = idx.shape
-        out = F.embedding_bag(idx.reshape(b * nl, j), self.weight, mode="sum", padding_idx=self.pad)
-        out = out.reshape(b, nl, self.num_experts)
+    def logits(self, cur: torch.Tensor, lags: torch.Tensor, distance: int, hidden: torch.Tensor | None = None,
+               path: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, L-d, E] of layer l+d's experts for every source layer l = 0 .. L-d-1.
+
+        ``cur`` [B, L, E] and ``lags`` [B, M, L, E] (M >= 1; lag 1 is the previous
+        token) are multi-hot; only cur's layers <= l are read for source l.
+        ``hidden`` is [B, L-d, H] at the source layers; ``path`` is
+        :meth:`path_hidden`'s output, passed when several distances share it.
+        """
+        d, nl = distance, self.num_layers - distance
+        prev = lags[:, 0]
+        before = torch.cat([torch.zeros_like(cur[:, :1]), cur[:, : nl - 1]], 1)  # layer l-1 (none for l = 0)
+        x = torch.cat([cur[:, :nl], before, prev[:, d:], prev[:, d - 1: d - 1 + nl]], -1)  # [B, nl, 4E]
+        w = self.weight[d - 1, :nl]  # [nl, 4E+1, E]
+        out = torch.einsum("bnf,nfe->bne", x, w[:, :-1]) + w[:, -1]
         if self.hidden_size and hidden is not None:
-            li = torch.from_numpy(layers)
-            h = (hidden.float() - self.hidden_mean[li]) / self.hidden_std[li]  # [B, nl, H]
-            out = out + torch.einsum("bnh,nhe->bne", h, self.hidden_weight[distance - 1, li])
+            h = (hidden.float() - self.hidden_mean[:nl]) / self.hidden_std[:nl]  # [B, nl, H]
+            out = out + torch.einsum("bnh,nhe->bne", h, self.hidden_weight[d - 1, :nl])
+        if self.width:
+            if path is None:
+                path = self.path_hidden(cur, lags)
+            out = out + torch.einsum("bnw,nwe->bne", path[:, :nl], self.head[d - 1, :nl])
         return out
 
-    def probs(self, cur, prev, distance, layers, hidden=None) -> torch.Tensor:
-        """P(a token uses each expert) [B, nl, E], estimated as K * softmax."""
-        return (self.logits(cur, prev, distance, layers, hidden).softmax(-1) * self.top_k).clamp_(max=1.0)
+    def probs(self, cur, lags, distance, hidden=None) -> torch.Tensor:
+        """P(a token uses each expert) [B, L-d, E], estimated as K * softmax."""
+        return (self.logits(cur, lags, distance, hidden).softmax(-1) * self.top_k).clamp_(max=1.0)
 
     @torch.no_grad()
     def predict_array(self, experts: np.ndarray, request: np.ndarray, distance: int, *,
                       phase: np.ndarray | None = None, hidden: np.ndarray | None = None,
-                      batch_rows: int = 1024) -> np.ndarray:
-        """Top-K predicted experts [N, L-d, K] of layer l+d for every row and source layer l."""
+                      batch_rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """Top-K experts [N, L-d, K] of layer l+d for every row and source layer l, and their probabilities."""
         experts = np.asarray(experts, dtype=np.int64)
-        prev = previous_rows(experts, request, phase)
-        layers = np.arange(self.num_layers - distance)
-        out = np.empty((experts.shape[0], len(layers), self.top_k), dtype=np.int64)
+        lag_rows = history_rows(request, phase, self.history)
+        nl = self.num_layers - distance
+        out = np.empty((experts.shape[0], nl, self.top_k), dtype=np.int64)
+        prob = np.empty(out.shape, dtype=np.float32)
         for s in range(0, experts.shape[0], batch_rows):
             h = None
             if self.hidden_size and hidden is not None:
-                h = torch.from_numpy(np.asarray(hidden[s:s + batch_rows, layers], dtype=np.float32))
-            lg = self.logits(experts[s:s + batch_rows], prev[s:s + batch_rows], distance, layers, h)
-            out[s:s + batch_rows] = lg.topk(self.top_k, dim=-1).indices.numpy()
-        return out
+                h = torch.from_numpy(np.asarray(hidden[s:s + batch_rows, :nl], dtype=np.float32))
+            cur = self.multi_hot(experts[s:s + batch_rows])
+            lags = self.multi_hot(gather_lags(experts, lag_rows[s:s + batch_rows]))
+            top = self.probs(cur, lags, distance, h).topk(self.top_k, dim=-1)
+            out[s:s + batch_rows], prob[s:s + batch_rows] = top.indices.numpy(), top.values.numpy()
+        return out, prob
 
     # -- files -----------------------------------------------------------------
     def config(self) -> dict:
         return {"num_layers": self.num_layers, "num_experts": self.num_experts, "top_k": self.top_k,
-                    "lookahead": self.lookahead, "hidden_size": self.hidden_size, "features": FEATURES}
+                "lookahead": self.lookahead, "hidden_size": self.hidden_size, "width": self.width,
+                "history": self.history, "features": FEATURES}
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 
-        D, L, Fe, E = self.lookahead, self.num_layers, self.features, self.num_experts
-        tensors = {"weight": self.weight.detach()[:-1].reshape(D, L, Fe, E).contiguous(),
-                   "freq": self.freq.detach().contiguous()}
+        tensors = {"weight": self.weight.detach().contiguous(), "freq": self.freq.detach().contiguous()}
         if self.hidden_size:
             tensors.update(hidden_weight=self.hidden_weight.detach().contiguous(),
                            hidden_mean=self.hidden_mean.contiguous(), hidden_std=self.hidden_std.contiguous())
+        if self.width:
+            for name in (*PATH_TABLES, "path_bias", "head"):
+                tensors[name] = getattr(self, name).detach().contiguous()
         meta = {"format": FORMAT, "kind": "learned", "config": json.dumps(self.config())}
         meta.update({k: json.dumps(v) for k, v in self.meta.items()})
         save_file(tensors, str(path), metadata=meta)
@@ -143,39 +196,59 @@ class LearnedModel(torch.nn.Module):
         if meta.get("format") != FORMAT or meta.get("kind") != "learned":
             raise ValueError(f"{path} is not a moepager learned predictor (format={meta.get('format')!r})")
         cfg = json.loads(meta["config"])
-        if cfg.get("features") != FEATURES:
-            raise ValueError(f"{path} uses features {cfg.get('features')!r}; this moepager reads {FEATURES!r}")
-        model = cls(cfg["num_layers"], cfg["num_experts"], cfg["top_k"], cfg["lookahead"], cfg["hidden_size"])
+        if cfg.get("features") == DIRECT_ONLY:
+            cfg.update(width=0, history=1)  # the direct part alone, as files were written before the path part
+        elif cfg.get("features") != FEATURES:
+            raise ValueError(f"{path} uses features {cfg.get('features')!r}, which this moepager cannot read; "
+                             f"retrain it with `moepager predictor train`")
+        model = cls(cfg["num_layers"], cfg["num_experts"], cfg["top_k"], cfg["lookahead"], cfg["hidden_size"],
+                    cfg["width"], cfg["history"])
         tensors = load_file(str(path))
         with torch.no_grad():
-            model.weight[:-1] = tensors["weight"].reshape(-1, model.num_experts)
-            model.freq.copy_(tensors["freq"])
+            names = ["weight", "freq"]
             if model.hidden_size:
-                model.hidden_weight.copy_(tensors["hidden_weight"])
-                model.hidden_mean.copy_(tensors["hidden_mean"])
-                model.hidden_std.copy_(tensors["hidden_std"])
+                names += ["hidden_weight", "hidden_mean", "hidden_std"]
+            if model.width:
+                names += [*PATH_TABLES, "path_bias", "head"]
+            for name in names:
+                getattr(model, name).copy_(tensors[name])
         model.meta = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "kind", "config")}
         return model.eval()
 
 
-def previous_rows(experts: np.ndarray, request: np.ndarray, phase: np.ndarray | None = None) -> np.ndarray:
-    """The previous token's experts [N, L, K] for each row (-1 where there is none).
+def history_rows(request: np.ndarray, phase: np.ndarray | None, lags: int) -> np.ndarray:
+    """Row indices [N, lags] of each row's previous ``lags`` tokens in its request (-1: none).
 
-    The previous token is the previous row of the same request. With ``phase``,
-    prefill rows (phase 0) get none: live, a prefill forward reaches layer l
-    before the previous prompt token's later layers have routed.
+    Rows of a request are taken in file order. With ``phase``, prefill rows
+    (phase 0) get none; a decode row's lags are its request's previous rows.
     """
-    experts = np.asarray(experts, dtype=np.int64)
     request = np.asarray(request)
+    n = len(request)
     order = np.argsort(request, kind="stable")
-    same = np.zeros(len(order), dtype=bool)
+    same = np.zeros(n, dtype=bool)
     same[1:] = request[order[1:]] == request[order[:-1]]
-    prev_row = np.full(len(order), -1, dtype=np.int64)
+    prev_row = np.full(n, -1, dtype=np.int64)
     prev_row[order[1:][same[1:]]] = order[:-1][same[1:]]
+    out = np.full((n, lags), -1, dtype=np.int64)
+    cur = prev_row
+    for m in range(lags):
+        out[:, m] = cur
+        cur = np.where(cur >= 0, prev_row[np.maximum(cur, 0)], -1)
     if phase is not None:
-        prev_row[np.asarray(phase) == 0] = -1
-    out = np.where((prev_row >= 0)[:, None, None], experts[np.maximum(prev_row, 0)], -1)
+        out[np.asarray(phase) == 0] = -1
     return out
+
+
+def gather_lags(experts: np.ndarray, lag_rows: np.ndarray) -> np.ndarray:
+    """The experts [B, M, L, K] of the rows ``lag_rows`` [B, M] point at (-1 where it is -1)."""
+    got = experts[np.maximum(lag_rows, 0)]  # [B, M, L, K]
+    return np.where((lag_rows >= 0)[:, :, None, None], got, -1)
+
+
+def previous_rows(experts: np.ndarray, request: np.ndarray, phase: np.ndarray | None = None) -> np.ndarray:
+    """The previous token's experts [N, L, K] for each row (-1 where there is none)."""
+    experts = np.asarray(experts, dtype=np.int64)
+    return gather_lags(experts, history_rows(request, phase, 1))[:, 0]
 
 
 @register_predictor("learned")
@@ -195,67 +268,119 @@ class LearnedPredictor:
                              f"retrain with --lookahead {lookahead}")
         self.model = model
         self.num_layers, self.num_experts, self.top_k = model.num_layers, model.num_experts, model.top_k
-        self.lookahead = int(lookahead)
-        # The per-layer path runs in numpy on views of the model's weights: a few microseconds per
-        # target layer at T=1, where torch's per-op overhead would dominate.
-        E = self.num_experts
-        self._w = model.weight.detach()[:-1].reshape(model.lookahead, self.num_layers, model.features, E).numpy()
+        self.lookahead, self.history, self.width = int(lookahead), model.history, model.width
+        # The per-layer path runs in numpy on views of the model's weights: tens of microseconds per
+        # layer at T=1, where torch's per-op overhead would dominate.
+        L, W = self.num_layers, self.width
+        # [D, L, 4E+2, E]: the direct weights and an all-zero row (index 4E+1) for absent inputs.
+        w = model.weight.detach().numpy()
+        self._w = np.concatenate([w, np.zeros_like(w[:, :, :1])], axis=2)
         self._hw = None
         if model.hidden_size:
             self._hw = (model.hidden_weight.detach().numpy(), model.hidden_mean.numpy(), model.hidden_std.numpy())
-        self._offsets = np.arange(4)[:, None] * E  # block offsets into a (l, d) weight matrix
+        if W:
+            self._cur_t, self._last_t, self._prev_t, self._hist_t = (getattr(model, n).detach().numpy()
+                                                                     for n in PATH_TABLES)  # [L, E, W]
+            self._bias = model.path_bias.detach().numpy()
+            self._head = model.head.detach().numpy()  # [D, L, W, E]
+            self._scale = 1.0 / np.sqrt(np.arange(1, L + 1))
+        self._layer_ids = np.arange(L)[:, None]
         self._cur: np.ndarray | None = None  # [T, L, K] this step's routing (-1 = not yet routed)
-        self._prev: np.ndarray | None = None  # [T', L, K] the previous step's
+        self._path: np.ndarray | None = None  # [T, L, W] layer j's path_cur embedding bag, this step
+        self._context: np.ndarray | None = None  # [T, W] this step's history input (set at its first layer)
+        self._steps: list[np.ndarray] = []  # the request's last steps' routing [T', L, K], newest first
+        self._tail: np.ndarray | None = None  # the request's last `history` tokens [<=M, L, K], newest first
         self._hidden: torch.Tensor | None = None
 
     def begin_request(self) -> None:
-        self._prev = None
-        self._cur = None
+        self._steps, self._tail, self._cur = [], None, None
 
     def reset(self) -> None:
         if self._cur is not None:
-            self._prev = self._cur
+            self._steps = [self._cur, *self._steps][: self.history]
+            rows = self._cur[::-1]  # a step's rows are tokens in order: newest first
+            self._tail = (rows if self._tail is None else np.concatenate([rows, self._tail]))[: self.history]
         self._cur = None
+
+    def _lags(self, tokens: int) -> list[np.ndarray]:
+        """The previous tokens' routing for this step, lag 1 first: [T or 1, L, K] each.
+
+        At T=1 (decode) they are the request's last tokens, however the earlier
+        forwards were batched (a prompt of one forward is a run of tokens). With
+        T > 1 rows, a step of the same row count lends row i to row i, any other
+        step its last row.
+        """
+        if tokens == 1:
+            return [] if self._tail is None else [t[None] for t in self._tail]
+        return [s if s.shape[0] == tokens else s[-1:] for s in self._steps]
 
     def observe(self, layer: int, hidden: torch.Tensor | None, top_k_index) -> None:
         idx = index_array(top_k_index)  # [T, K]
-        if self._cur is None or self._cur.shape[0] != idx.shape[0]:
-            self._cur = np.full((idx.shape[0], self.num_layers, idx.shape[1]), -1, dtype=np.int64)
+        tokens = idx.shape[0]
+        if self._cur is None or self._cur.shape[0] != tokens:
+            self._cur = np.full((tokens, self.num_layers, idx.shape[1]), -1, dtype=np.int64)
+            if self.width:
+                self._path = np.zeros((tokens, self.num_layers, self.width), dtype=np.float32)
+                self._context = self._history_input(tokens)
         self._cur[:, layer] = idx
+        if self.width:
+            self._path[:, layer] = self._cur_t[layer, idx].sum(axis=1)
         self._hidden = hidden if self._hw is not None else None
+
+    def _history_input(self, tokens: int) -> np.ndarray:
+        """The previous token's and older tokens' embedding bags [T or 1, W]."""
+        lags = self._lags(tokens)
+        out = np.zeros((1, self.width), dtype=np.float32)
+        if lags:
+            out = self._bag(self._prev_t, lags[0])
+        if len(lags) > 1:
+            out = out + sum(self._bag(self._hist_t, g) for g in lags[1:]) / (len(lags) - 1)
+        return out
+
+    def _bag(self, table: np.ndarray, routing: np.ndarray) -> np.ndarray:
+        """Sum over layers and experts of ``table`` [L, E, W] rows for ``routing`` [T, L, K]: [T, W]."""
+        return table[self._layer_ids, routing].sum(axis=(1, 2))
 
     def predict(self, layer: int) -> list[tuple[ExpertKey, float]]:
         cur = self._cur
         if cur is None:
             return []
         tokens, _, k = cur.shape
-        prev = self._prev
-        if prev is not None and prev.shape[0] != tokens:
-            prev = prev[-1:]  # e.g. the first decode step after a prefill: its last token came just before
-        h = None
+        lags = self._lags(tokens)
+        prev = lags[0] if lags else None
+        h = hw = None
         if self._hidden is not None:
             hw, mean, std = self._hw
             # sync: the hidden state to the host (only for predictors trained with hidden states)
             h = (self._hidden.detach().to("cpu", torch.float32).numpy().reshape(tokens, -1) - mean[layer]) / std[layer]
-        E = self.num_experts
+        hid = None
+        if self.width:
+            x = self._path[:, : layer + 1].sum(axis=1) * self._scale[layer]  # [T, W]
+            x += self._last_t[layer, cur[:, layer]].sum(axis=1) + self._context + self._bias[layer]
+            hid = np.maximum(x, 0.0)
+        targets = target_layers(layer, self.lookahead, self.num_layers)
+        nd, first, E = len(targets), layer + 1, self.num_experts
+        if nd == 0:
+            return []
+        # Direct-part weight rows [T, nd, 4K+1] of every target at once: cur[l], cur[l-1], prev[t], prev[t-1], bias.
+        rows = np.empty((tokens, nd, 4 * k + 1), dtype=np.int64)
+        rows[..., -1] = 4 * E
+        rows[..., :k] = cur[:, None, layer]
+        rows[..., k:2 * k] = cur[:, None, layer - 1] + E if layer >= 1 else 4 * E + 1
+        if prev is None:
+            rows[..., 2 * k:4 * k] = 4 * E + 1
+        else:
+            rows[..., 2 * k:3 * k] = prev[:, first:first + nd] + 2 * E
+            rows[..., 3 * k:4 * k] = prev[:, layer:layer + nd] + 3 * E
+        logits = self._w[np.arange(nd)[:, None], layer, rows].sum(axis=2)  # [T, nd, E]
+        if h is not None:
+            logits += (h @ hw[:nd, layer]).transpose(1, 0, 2)
+        if hid is not None:
+            logits += (hid @ self._head[:nd, layer]).transpose(1, 0, 2)
+        z = np.exp(logits - logits.max(axis=2, keepdims=True))
+        p = np.minimum(z * (self.top_k / z.sum(axis=2, keepdims=True)), 1.0)  # [T, nd, E]
+        p_any = p[0] if tokens == 1 else 1.0 - np.prod(1.0 - p, axis=0)  # some token of the step uses it
         out: list[tuple[ExpertKey, float]] = []
-        for target in target_layers(layer, self.lookahead, self.num_layers):
-            d = target - layer
-            w = self._w[d - 1, layer]  # [4E+1, E]
-            blocks = np.full((tokens, 4, k), -1, dtype=np.int64)  # cur[l], cur[l-1], prev[l+d], prev[l+d-1]
-            blocks[:, 0] = cur[:, layer]
-            if layer >= 1:
-                blocks[:, 1] = cur[:, layer - 1]
-            if prev is not None:
-                blocks[:, 2] = prev[:, target]
-                blocks[:, 3] = prev[:, target - 1]
-            valid = blocks >= 0
-            rows = np.where(valid, blocks + self._offsets, 0).reshape(tokens, -1)  # [T, 4K]
-            logits = (w[rows] * valid.reshape(tokens, -1, 1)).sum(axis=1) + w[4 * E]  # [T, E]
-            if h is not None:
-                logits = logits + h @ hw[d - 1, layer]
-            z = np.exp(logits - logits.max(axis=1, keepdims=True))
-            p = np.minimum(z / z.sum(axis=1, keepdims=True) * self.top_k, 1.0)  # [T, E]
-            p_any = 1.0 - np.prod(1.0 - p, axis=0)  # some token of the step uses it
-            out += scored_top(target, d, p_any, self.top_k * tokens)
+        for i, target in enumerate(targets):
+            out += scored_top(target, i + 1, p_any[i], self.top_k * tokens)
         return out

@@ -3,15 +3,35 @@
 Design: everything works on the arrays a trace holds (``experts [N, L, K]``,
 ``request [N]``, optionally ``phase [N]`` and ``hidden [N, L, H]``), so the
 offline tooling in traces/ and server/ can feed it without this package knowing
-any file format. Every predictor is scored the same way: for each row, source
-layer l and distance d, its K best guesses for layer l+d are compared with the K
-experts that layer really used (micro-averaged over all scored pairs):
+any file format.
 
-    precision = |pred & true| / |pred|,  recall = |pred & true| / |true|.
+Training is minibatch Adam over every (row, source layer, distance) of a batch
+of rows at once: one embedding-bag and a few batched matrix products per
+batch. The last ``validation`` share of the training requests is held back;
+after each epoch its loss decides early stopping (``patience`` epochs without
+improvement) and the best epoch's weights are restored. Same seed, same data:
+the same weights.
+
+Every predictor is scored the same way: for each row, source layer l and
+distance d, its K best guesses for layer l+d are compared with the K experts
+that layer really used (micro-averaged over all scored pairs):
+
+    precision = |pred & true| / |pred|,  recall = |pred & true| / |true|,
+
+and the *wasted share* at the copy threshold: of the guesses whose probability
+is at least ``COPY_THRESHOLD``, the share the target layer did not use. The
+planner copies a guess when ``p * g - (1 - p) * (rho + delta) > 0``
+(prefetch/planner.py); on a saturated link (occupancy rho = 1), with copies that
+land in time (g = 1) and no eviction damage (delta = 0), that is p > 1/2. (On an
+idle link every guess is copied: its wasted share is 1 - precision.) ``p`` is
+the predictor's probability, what the planner's per-decile calibration
+converges to for a calibrated predictor; ``covered`` is the share of the used
+experts those copies bring.
 
 The two baselines are computed by the same code: ``prev`` (the experts the
-previous token of the request used at layer l+d) and ``freq`` (the K most
-frequent experts of layer l+d in the training split).
+previous token of the request used at layer l+d, probability 1) and ``freq``
+(the K most frequent experts of layer l+d in the training split, probability
+their share of tokens).
 """
 
 from __future__ import annotations
@@ -22,10 +42,13 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from prefetch.learned import LearnedModel, previous_rows
+from prefetch.learned import LearnedModel, gather_lags, history_rows, previous_rows
 
-# An array predictor: (experts, request, distance, phase=, hidden=) -> guesses [N, L-d, W] (-1: no guess).
-ArrayPredictor = Callable[..., np.ndarray]
+# An array predictor: (experts, request, distance, phase=, hidden=) -> (guesses [N, L-d, W] (-1: no guess),
+# probabilities [N, L-d, W]).
+ArrayPredictor = Callable[..., tuple[np.ndarray, np.ndarray]]
+COPY_THRESHOLD = 0.5
+MIN_STEPS = 16  # optimizer steps per epoch, however few the training rows
 
 
 def holdout_split(request: np.ndarray, holdout: float) -> np.ndarray:
@@ -53,24 +76,82 @@ def routing_shares(experts: np.ndarray, num_experts: int) -> np.ndarray:
     return out
 
 
+def decode_rows(phase: np.ndarray | None, n: int) -> np.ndarray:
+    """The rows worth scoring: decode rows when there are any (prefill touches nearly every expert)."""
+    if phase is not None and (np.asarray(phase) == 1).any():
+        return np.asarray(phase) == 1
+    return np.ones(n, dtype=bool)
+
+
+class _Rows:
+    """Training arrays and the row indices of each row's history, cut into multi-hot minibatches."""
+
+    def __init__(self, model: LearnedModel, experts, lag_rows, hidden, rows: np.ndarray) -> None:
+        self.model, self.experts, self.lag_rows, self.hidden, self.rows = model, experts, lag_rows, hidden, rows
+
+    def batch(self, rows: np.ndarray):
+        h = None if self.hidden is None else torch.from_numpy(np.asarray(self.hidden[rows], dtype=np.float32))
+        hot = self.model.multi_hot
+        return hot(self.experts[rows]), hot(gather_lags(self.experts, self.lag_rows[rows])), h
+
+
+def _loss(model: LearnedModel, cur, lags, hidden, weights: np.ndarray | None = None) -> torch.Tensor:
+    """Mean soft cross-entropy over every (row, source layer, distance) against the K-hot truth / K."""
+    num_layers, top_k = model.num_layers, model.top_k
+    path = model.path_hidden(cur, lags) if model.width else None
+    loss = torch.zeros(())
+    for d in range(1, model.lookahead + 1):
+        h = None if hidden is None else hidden[:, : num_layers - d]
+        logits = model.logits(cur, lags, d, h, path)  # [B, L-d, E]
+        target = cur[:, d:] / top_k
+        per_row = -(target * logits.log_softmax(-1)).sum(-1).mean(-1)  # [B]
+        if weights is None:
+            loss = loss + per_row.mean()
+        else:
+            loss = loss + (per_row * torch.from_numpy(weights)).sum()
+    return loss / model.lookahead
+
+
+@torch.no_grad()
+def _validation_loss(model: LearnedModel, data: _Rows, batch_rows: int) -> float:
+    rows = data.rows
+    total = 0.0
+    for s in range(0, len(rows), batch_rows):
+        part = rows[s:s + batch_rows]
+        total += float(_loss(model, *data.batch(part), np.full(len(part), 1.0 / len(rows))))
+    return total
+
+
 def train_learned(
     experts: np.ndarray,
     request: np.ndarray,
     num_experts: int,
     lookahead: int,
     *,
-    epochs: int = 5,
-    lr: float = 0.05,
-    batch_rows: int = 256,
-    weight_decay: float = 1e-5,
+    width: int = 128,
+    history: int = 4,
+    epochs: int = 20,
+    patience: int = 2,
+    validation: float = 0.1,
+    lr: float = 0.03,
+    batch_rows: int = 2048,
+    weight_decay: float = 0.0,
     seed: int = 0,
     phase: np.ndarray | None = None,
     hidden: np.ndarray | None = None,
     progress: Callable[[dict], None] | None = None,
 ) -> LearnedModel:
-    """Fit the ``learned`` predictor on every row given (split off held-out rows before calling).
+    """Fit the ``learned`` predictor on the rows given (split off held-out rows before calling).
 
-    ``progress`` receives ``{"epoch", "epochs", "loss", "seconds"}`` after each epoch.
+    The last ``validation`` share of these requests is held back for early
+    stopping (0, or a single request: every epoch runs and the last one is
+    kept). Minibatches are ``batch_rows`` rows, smaller on a small trace so that
+    an epoch is at least ``MIN_STEPS`` steps. ``width`` 0 and ``history`` 1 is
+    the direct part alone.
+    ``progress`` receives ``{"epoch", "epochs", "loss", "val_loss", "val_f1",
+    "best_epoch", "seconds"}`` after each epoch (the val fields are None
+    without a validation split); ``model.meta["fit"]`` records the epochs run
+    and the best one.
     """
     experts = np.asarray(experts, dtype=np.int64)
     n, num_layers, top_k = experts.shape
@@ -78,66 +159,91 @@ def train_learned(
         raise ValueError("no training rows")
     if experts.max() >= num_experts or experts.min() < 0:
         raise ValueError(f"expert ids must be in [0, {num_experts}), got [{experts.min()}, {experts.max()}]")
+    request = np.asarray(request)
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
+    held = holdout_split(request, validation) if validation > 0 and len(np.unique(request)) > 1 \
+        else np.zeros(n, dtype=bool)
+    fit = np.flatnonzero(~held)
+    lag_rows = history_rows(request, phase, history)  # requests never straddle the split
     hidden_size = 0 if hidden is None else int(hidden.shape[-1])
-    model = LearnedModel(num_layers, num_experts, top_k, lookahead, hidden_size)
+    model = LearnedModel(num_layers, num_experts, top_k, lookahead, hidden_size, width, history)
+    train = _Rows(model, experts, lag_rows, hidden, fit)
+    val = _Rows(model, experts, lag_rows, hidden, np.flatnonzero(held))
     with torch.no_grad():
-        model.freq.copy_(torch.from_numpy(routing_shares(experts, num_experts)))
+        model.freq.copy_(torch.from_numpy(routing_shares(experts, num_experts)))  # the baseline's shares
         # Start from the layer's marginal distribution: the model then learns only what the features add.
-        log_freq = torch.log(model.freq + 1e-4)  # [L, E]
-        w = model.weight[:-1].view(lookahead, num_layers, model.features, num_experts)
+        log_freq = torch.log(torch.from_numpy(routing_shares(experts[fit], num_experts)) + 1e-4)  # [L, E]
         for d in range(1, lookahead + 1):
-            w[d - 1, : num_layers - d, -1] = log_freq[d:]
+            model.weight[d - 1, : num_layers - d, -1] = log_freq[d:]
         if hidden_size:
-            h = torch.from_numpy(np.asarray(hidden[: min(n, 4096)], dtype=np.float32))  # [n', L, H]
+            h = torch.from_numpy(np.asarray(hidden[fit[: 4096]], dtype=np.float32))  # [n', L, H]
             model.hidden_mean.copy_(h.mean(0))
             model.hidden_std.copy_(h.std(0).clamp_min(1e-3))
             torch.nn.init.normal_(model.hidden_weight, std=0.01 / hidden_size**0.5, generator=gen)
-    prev = previous_rows(experts, request, phase)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    model.train()
-    for epoch in range(epochs):
-        t0, total, count = time.perf_counter(), 0.0, 0
-        perm = rng.permutation(n)
-        for s in range(0, n, batch_rows):
-            rows = np.sort(perm[s:s + batch_rows])
-            cur, prv = experts[rows], prev[rows]
-            loss = torch.zeros(())
-            for d in range(1, lookahead + 1):
-                layers = np.arange(num_layers - d)
-                h = None
-                if hidden_size:
-                    h = torch.from_numpy(np.asarray(hidden[rows][:, layers], dtype=np.float32))
-                logits = model.logits(cur, prv, d, layers, h)  # [B, L-d, E]
-                target = torch.zeros_like(logits).scatter_(-1, torch.from_numpy(cur[:, d:]), 1.0 / top_k)
-                loss = loss - (target * logits.log_softmax(-1)).sum(-1).mean()
+        if width:
+            # Each bag sums about K * (layers) rows: unit-scale inputs to the hidden units.
+            for name, rows in (("path_cur", top_k), ("path_last", top_k), ("path_prev", top_k * num_layers),
+                               ("path_hist", top_k * num_layers)):
+                torch.nn.init.normal_(getattr(model, name), std=rows**-0.5, generator=gen)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    # A small trace still gets MIN_STEPS optimizer steps per epoch (batches of at least 64 rows).
+    batch = min(batch_rows, max(64, -(-len(fit) // MIN_STEPS)))
+    best, best_loss, best_epoch, epoch = None, float("inf"), 0, 0
+    for epoch in range(1, epochs + 1):
+        t0, total = time.perf_counter(), 0.0
+        model.train()
+        perm = rng.permutation(fit)
+        for s in range(0, len(perm), batch):
+            rows = np.sort(perm[s:s + batch])
+            loss = _loss(model, *train.batch(rows))
             opt.zero_grad(set_to_none=True)
-            (loss / lookahead).backward()
+            loss.backward()
             opt.step()
             total += loss.item() * len(rows)
-            count += len(rows)
+        model.eval()
+        info = {"epoch": epoch, "epochs": epochs, "loss": total / len(fit), "val_loss": None, "val_f1": None}
+        if len(val.rows):
+            info["val_loss"] = _validation_loss(model, val, 4 * batch_rows)
+            val_phase = None if phase is None else phase[held]
+            info["val_f1"] = evaluate(model, experts[held], request[held], 1, phase=val_phase,
+                                      hidden=None if hidden is None else hidden[held],
+                                      rows=decode_rows(val_phase, len(val.rows)))[1]["f1"]
+            if info["val_loss"] < best_loss:
+                best_loss, best_epoch = info["val_loss"], epoch
+                best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            best_epoch = epoch
+        info.update(best_epoch=best_epoch, seconds=time.perf_counter() - t0)
         if progress is not None:
-            progress({"epoch": epoch + 1, "epochs": epochs, "loss": total / count / lookahead,
-                      "seconds": time.perf_counter() - t0})
+            progress(info)
+        if epoch - best_epoch >= patience:
+            break
+    if best is not None:
+        model.load_state_dict(best)
+    model.meta["fit"] = {"epochs_run": epoch, "best_epoch": best_epoch, "validation_rows": int(held.sum()),
+                         "val_loss": None if best is None else best_loss}
     return model.eval()
 
 
 # -- baselines -------------------------------------------------------------------------
-def prev_baseline(experts: np.ndarray, request: np.ndarray, distance: int, *, phase=None, **kwargs) -> np.ndarray:
-    """Guess that layer l+d routes like it did for the previous token of the request."""
-    return previous_rows(experts, request, phase)[:, distance:]
+def prev_baseline(experts: np.ndarray, request: np.ndarray, distance: int, *, phase=None,
+                  **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """Guess that layer l+d routes like it did for the previous token of the request (probability 1)."""
+    guess = previous_rows(experts, request, phase)[:, distance:]
+    return guess, (guess >= 0).astype(np.float32)
 
 
 def freq_baseline(shares: np.ndarray) -> ArrayPredictor:
     """Guess layer l+d's K most frequent experts (``shares [L, E]`` from the training split)."""
     shares = np.asarray(shares)
 
-    def guess(experts: np.ndarray, request: np.ndarray, distance: int, **kwargs) -> np.ndarray:
+    def guess(experts: np.ndarray, request: np.ndarray, distance: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
         n, num_layers, top_k = np.shape(experts)
         top = np.argsort(-shares, axis=1, kind="stable")[:, :top_k]  # [L, K]
-        return np.broadcast_to(top[distance:][None], (n, num_layers - distance, top_k))
+        prob = np.take_along_axis(shares, top, axis=1)
+        shape = (n, num_layers - distance, top_k)
+        return np.broadcast_to(top[distance:][None], shape), np.broadcast_to(prob[distance:][None], shape)
 
     return guess
 
@@ -152,14 +258,15 @@ def evaluate(
     phase: np.ndarray | None = None,
     hidden: np.ndarray | None = None,
     rows: np.ndarray | None = None,
+    threshold: float = COPY_THRESHOLD,
 ) -> dict[int, dict[str, float]]:
-    """Precision, recall and F1 per distance d = 1..lookahead.
+    """Precision, recall, F1, and wasted share and coverage at ``threshold``, per distance d = 1..lookahead.
 
     ``predictor_or_fn`` is a :class:`LearnedModel`, an array predictor
-    ``fn(experts, request, d, phase=, hidden=) -> [N, L-d, W]``, or a live
-    :class:`~prefetch.base.Predictor` (driven one row per forward, its K best
-    guesses per target layer scored). ``rows`` (bool [N]) limits which rows are
-    scored; every row still feeds the history.
+    ``fn(experts, request, d, phase=, hidden=) -> (guesses [N, L-d, W], probs)``,
+    or a live :class:`~prefetch.base.Predictor` (driven one row per forward, its
+    K best guesses per target layer scored, probability = score * d). ``rows``
+    (bool [N]) limits which rows are scored; every row still feeds the history.
     """
     experts = np.asarray(experts, dtype=np.int64)
     n, num_layers, _top_k = experts.shape
@@ -174,15 +281,20 @@ def evaluate(
     scored = np.ones(n, dtype=bool) if rows is None else np.asarray(rows, dtype=bool)
     out: dict[int, dict[str, float]] = {}
     for d in range(1, lookahead + 1):
-        pred = np.asarray(fn(experts, request, d, phase=phase, hidden=hidden))[scored]  # [n', L-d, W]
+        pred, prob = fn(experts, request, d, phase=phase, hidden=hidden)
+        pred, prob = np.asarray(pred)[scored], np.asarray(prob)[scored]  # [n', L-d, W]
         true = experts[scored, d:]  # [n', L-d, K]
         valid = pred >= 0
-        hit = ((pred[..., :, None] == true[..., None, :]).any(-1) & valid).sum()
-        n_pred, n_true = int(valid.sum()), int(true.size)
-        precision = float(hit / n_pred) if n_pred else 0.0
-        recall = float(hit / n_true) if n_true else 0.0
+        hit = (pred[..., :, None] == true[..., None, :]).any(-1) & valid
+        copied = valid & (prob >= threshold)
+        n_hit, n_pred, n_true, n_copied = int(hit.sum()), int(valid.sum()), int(true.size), int(copied.sum())
+        precision = n_hit / n_pred if n_pred else 0.0
+        recall = n_hit / n_true if n_true else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
-        out[d] = {"precision": precision, "recall": recall, "f1": f1}
+        useful = int((hit & copied).sum())
+        out[d] = {"precision": precision, "recall": recall, "f1": f1,
+                  "wasted": 1.0 - useful / n_copied if n_copied else 0.0,
+                  "covered": useful / n_true if n_true else 0.0}
     return out
 
 
@@ -198,10 +310,11 @@ def compare(model: LearnedModel, experts: np.ndarray, request: np.ndarray, looka
 
 
 def _stream(predictor, experts: np.ndarray, request: np.ndarray, lookahead: int,
-            hidden: np.ndarray | None) -> dict[int, np.ndarray]:
-    """Drive a live predictor over the rows; its K best guesses per (row, layer, distance)."""
+            hidden: np.ndarray | None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Drive a live predictor over the rows; its K best guesses per (row, layer, distance), with probabilities."""
     n, num_layers, top_k = experts.shape
-    guesses = {d: np.full((n, num_layers - d, top_k), -1, dtype=np.int64) for d in range(1, lookahead + 1)}
+    guesses = {d: (np.full((n, num_layers - d, top_k), -1, dtype=np.int64),
+                   np.zeros((n, num_layers - d, top_k), dtype=np.float32)) for d in range(1, lookahead + 1)}
     request = np.asarray(request)
     for i in range(n):
         if i == 0 or request[i] != request[i - 1]:
@@ -217,6 +330,7 @@ def _stream(predictor, experts: np.ndarray, request: np.ndarray, lookahead: int,
                 d = target - layer
                 if d > lookahead:
                     continue
-                best = [e for _, e in sorted(cands, key=lambda c: -c[0])[:top_k]]
-                guesses[d][i, layer, : len(best)] = best
+                best = sorted(cands, key=lambda c: -c[0])[:top_k]
+                guesses[d][0][i, layer, : len(best)] = [e for _, e in best]
+                guesses[d][1][i, layer, : len(best)] = [s * d for s, _ in best]
     return guesses

@@ -3,7 +3,14 @@
 Both commands score the same way (prefetch.training.evaluate) beside the two
 baselines, on decode rows when the trace has any (prefill touches nearly every
 expert anyway), so ``eval`` on the training trace with the same ``--holdout``
-reproduces the held-out numbers ``train`` stored in the file.
+reproduces the held-out numbers ``train`` stored in the file. Besides
+precision, recall and F1 per lookahead distance they report the wasted share
+of the copies made at the planner's busy-link threshold (probability >= 0.5,
+see prefetch/training.py) and the share of used experts those copies cover.
+
+``train`` splits twice by request: ``--holdout`` (the last requests of the
+traces) is never trained on and is scored at the end; ``--validation`` (the last
+requests of what remains) decides early stopping, after at most ``--epochs``.
 """
 
 from __future__ import annotations
@@ -82,11 +89,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("traces", nargs="+", metavar="TRACE", help="trace files (.safetensors)")
     t.add_argument("--out", required=True, metavar="PRED", help="output predictor file (.safetensors)")
     t.add_argument("--lookahead", type=_positive_int, default=2, help="layers ahead to predict (default 2)")
-    t.add_argument("--epochs", type=_positive_int, default=5)
+    t.add_argument("--epochs", type=_positive_int, default=20, help="most epochs to train (default 20)")
+    t.add_argument("--patience", type=_positive_int, default=2,
+                   help="stop after this many epochs without a better validation loss (default 2)")
+    t.add_argument("--validation", type=float, default=0.1,
+                   help="fraction of the training requests (the last ones) that decides early stopping "
+                        "(default 0.1; 0: run every epoch)")
     t.add_argument("--holdout", type=float, default=0.2,
                    help="fraction of requests (the last ones) held out for evaluation (default 0.2; 0: none)")
+    t.add_argument("--width", type=int, default=128,
+                   help="hidden units of the cross-layer path part (default 128; 0: the direct part alone)")
+    t.add_argument("--history", type=_positive_int, default=4,
+                   help="previous tokens of the request the path part reads (default 4)")
+    t.add_argument("--batch-rows", type=_positive_int, default=2048, help="rows per minibatch (default 2048)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--lr", type=float, default=0.05)
+    t.add_argument("--lr", type=float, default=0.03)
     t.add_argument("--use-hidden", action="store_true", help="also learn from the traces' hidden states")
     t.add_argument("--phase", default="decode", choices=PHASES,
                    help="rows scored: decode rows (default, when the trace has any) or all")
@@ -107,12 +124,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _table(results: dict, out) -> None:
+    from prefetch.training import COPY_THRESHOLD
+
     names = list(results)
-    print(f"{'d':>2}  " + "  ".join(f"{n + ' P/R/F1':>22}" for n in names), file=out)
+    print(f"{'d':>2}  " + "  ".join(f"{n + ' P/R/F1/wasted':>29}" for n in names), file=out)
     for d in results[names[0]]:
         cells = [results[n][d] for n in names]
-        print(f"{d:>2}  " + "  ".join(f"{c['precision']:6.3f} {c['recall']:6.3f} {c['f1']:6.3f}   " for c in cells),
-              file=out)
+        print(f"{d:>2}  " + "  ".join(f"{c['precision']:6.3f} {c['recall']:6.3f} {c['f1']:6.3f} {c['wasted']:6.3f}   "
+                                      for c in cells), file=out)
+    print(f"wasted: share of the copies at probability >= {COPY_THRESHOLD} (the planner's busy-link threshold) "
+          f"that the target layer did not use", file=out)
 
 
 def _jsonable(results: dict) -> dict:
@@ -134,12 +155,16 @@ def run_train(args: argparse.Namespace) -> int:
           f"{layers} MoE layers, {routing.num_experts} experts, top-{top_k}, lookahead {args.lookahead}", file=out)
 
     def progress(info: dict) -> None:
-        print(f"epoch {info['epoch']}/{info['epochs']}  loss {info['loss']:.4f}  ({info['seconds']:.1f} s)",
+        val = "" if info["val_loss"] is None else \
+            f"  val loss {info['val_loss']:.4f}  val F1@1 {info['val_f1']:.3f}  (best epoch {info['best_epoch']})"
+        print(f"epoch {info['epoch']}/{info['epochs']}  loss {info['loss']:.4f}{val}  ({info['seconds']:.1f} s)",
               file=out, flush=True)
 
     t0 = time.perf_counter()
-    model = train_learned(train.experts, train.request, routing.num_experts, args.lookahead, epochs=args.epochs,
-                          lr=args.lr, seed=args.seed, phase=train.phase, hidden=train.hidden, progress=progress)
+    model = train_learned(train.experts, train.request, routing.num_experts, args.lookahead, width=args.width,
+                          history=args.history, epochs=args.epochs, patience=args.patience,
+                          validation=args.validation, lr=args.lr, batch_rows=args.batch_rows, seed=args.seed,
+                          phase=train.phase, hidden=train.hidden, progress=progress)
     results = None
     if len(test.request):
         results = compare(model, test.experts, test.request, args.lookahead, phase=test.phase,
@@ -151,8 +176,9 @@ def run_train(args: argparse.Namespace) -> int:
         "baselines": None if results is None else _jsonable({k: results[k] for k in ("prev", "freq")}),
         "train": {"traces": [os.path.basename(p) for p in args.traces], "rows": int((~held).sum()),
                   "heldout_rows": int(held.sum()), "holdout": args.holdout, "epochs": args.epochs,
-                  "seed": args.seed, "lr": args.lr, "phase": args.phase,
-                  "seconds": round(time.perf_counter() - t0, 2)},
+                  "patience": args.patience, "validation": args.validation, "width": args.width,
+                  "history": args.history, "batch_rows": args.batch_rows, "seed": args.seed, "lr": args.lr,
+                  "phase": args.phase, "seconds": round(time.perf_counter() - t0, 2), **model.meta["fit"]},
     }
     model.save(args.out)
     print(f"saved {args.out}", file=out)

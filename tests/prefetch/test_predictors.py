@@ -49,7 +49,8 @@ def test_oracle_predicts_exactly_the_future():
     experts, request, _ = synthetic_routing(requests=3, tokens=5, layers=4, experts=8, top_k=2)
     kw = dict(COMMON, num_layers=4, num_experts=8, top_k=2, lookahead=3)
     result = evaluate(build_predictor("oracle", **dict(kw, trace=experts)), experts, request, 3)
-    assert all(v == {"precision": 1.0, "recall": 1.0, "f1": 1.0} for v in result.values())
+    perfect = {"precision": 1.0, "recall": 1.0, "f1": 1.0, "wasted": 0.0, "covered": 1.0}
+    assert all(v == perfect for v in result.values())
     # Batched forwards: rows 0-1 in one forward, then row 2.
     p = build_predictor("oracle", **dict(kw, trace=(experts, [[0, 1], [2]])))
     p.reset()
@@ -104,17 +105,21 @@ def test_previous_rows_respects_requests_and_prefill():
     request = np.array([5, 7, 5, 7])
     prev = previous_rows(experts, request, phase=np.array([0, 0, 1, 1]))
     assert prev[:, :, 0].tolist() == [[-1, -1], [-1, -1], [0, 1], [2, 3]]
-    assert prev_baseline(experts, request, 1)[:, :, 0].tolist() == [[-1], [-1], [1], [3]]
+    guess, prob = prev_baseline(experts, request, 1)
+    assert guess[:, :, 0].tolist() == [[-1], [-1], [1], [3]] and prob[:, 0, 0].tolist() == [0, 0, 1, 1]
 
 
 def test_metrics_by_hand():
     experts = np.array([[[0, 1], [2, 3]], [[0, 1], [2, 1]]])  # two rows of one request, L=2, K=2
     request = np.zeros(2, dtype=int)
-    # prev: row 0 has no guess; row 1 guesses {2, 3} for layer 1, truth {2, 1}: 1 hit of 2 guesses, 4 true.
+    # prev: row 0 has no guess; row 1 guesses {2, 3} for layer 1 (probability 1), truth {2, 1}: 1 hit of 2
+    # guesses, 4 true; both guesses are copied, one is wasted.
     assert evaluate(prev_baseline, experts, request, 1)[1] == pytest.approx(
-        {"precision": 0.5, "recall": 0.25, "f1": 2 * 0.5 * 0.25 / 0.75})
+        {"precision": 0.5, "recall": 0.25, "f1": 2 * 0.5 * 0.25 / 0.75, "wasted": 0.5, "covered": 0.25})
+    # freq guesses {2 (0.9), 1 (0.2)}: 3 hits of 4; only expert 2 is copied (p >= 0.5), used by both rows.
     shares = np.array([[1.0, 0, 0, 0], [0, 0.2, 0.9, 0.1]])
-    assert evaluate(freq_baseline(shares), experts, request, 1)[1]["f1"] == pytest.approx(0.75)
+    assert evaluate(freq_baseline(shares), experts, request, 1)[1] == pytest.approx(
+        {"precision": 0.75, "recall": 0.75, "f1": 0.75, "wasted": 0.0, "covered": 0.5})
 
 
 def test_holdout_is_the_last_requests():

@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from prefetch.learned import LearnedModel
 from server.cli import main
@@ -46,6 +48,20 @@ def test_train_then_eval_reproduces_heldout_f1(trained, capsys):
     evaluated = json.loads(lines[-1])
     assert evaluated["results"] == reported  # same rows, same code: learned and both baselines agree exactly
     assert evaluated["lookahead"] == 2
+    assert {"wasted", "covered"} <= set(reported["learned"]["1"])
+
+
+def test_train_is_deterministic_by_seed(trained, tmp_path, capsys):
+    trace, _out = trained
+    runs = {}
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        path = tmp_path / f"{name}.safetensors"
+        assert main(["predictor", "train", str(trace), "--out", str(path), "--epochs", "2", "--width", "16",
+                     "--seed", str(seed)]) == 0
+        runs[name] = load_file(str(path))
+    capsys.readouterr()
+    assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
+    assert not torch.equal(runs["a"]["head"], runs["c"]["head"])
 
 
 def test_eval_text_table_and_errors(trained, capsys, tmp_path):
