@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         results[case] = best
     results = list(results.values())
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    bandwidth = native_cpu.read_bandwidth()  # the native streaming read over all threads (cuda_ext.native_cpu)
+    bandwidth = native_cpu.read_bandwidth()  # the best of two streaming reads over all threads
     hf = next((r for r in results if r["case"] == "hf"), None)
     print(f"\nread bandwidth measured in this run: {bandwidth:.1f} GB/s")
     print(f"{'case':<6} {'load s':>8} {'peak RSS GB':>12} {'RSS/ckpt':>9} {'decode tok/s':>13} {'vs hf':>6} "

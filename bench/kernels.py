@@ -7,7 +7,8 @@ Shapes: an OLMoE-like MoE layer (H = I = 1024, 64 experts, top-8) and dense
 (the unique routed experts' weights, or the dense matrix) over the call's time.
 Every call reads weights that are not in the last-level cache: the experts
 rotate over enough layers, and the dense matrices over enough copies, to span
-at least ``--span-gb``. The read bandwidth is the native streaming read of a 1 GiB buffer over the same threads.
+at least ``--span-gb``. The read bandwidth is the faster of a torch int64 sum and the native streaming read of a 1 GiB
+buffer, over the same threads.
 Methods: torch bf16 / fp32 (a loop over experts as transformers runs it),
 oneDNN prepacked bf16 (``mkldnn._linear_pointwise``), and the native kernels on
 bf16, int8 and int4 pages (``cuda_ext.moe_ffn`` / ``cuda_ext.linear``).

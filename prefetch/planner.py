@@ -22,9 +22,11 @@ units of one copy's time, a candidate with chance ``p`` of being used is worth
 - ``rho``: link occupancy, the share of copies that had not landed by the next
   layer (a wasted copy then delays the demand misses queued behind it; on an
   idle link it costs nothing);
-- ``delta``: the share of experts evicted for a prefetch that the next two tokens
-  needed again (a miss a wasted copy caused; a used copy's eviction is one the
-  demand miss it saved would have made anyway).
+- ``delta``: the share of experts evicted for a prefetch that were needed again
+  while that prefetch sat unused in their slot (a miss the copy caused). The
+  window is the copy's own unused life, as long as the cache keeps it: a used
+  copy's eviction is one the demand miss it saved would have made anyway, and
+  once a wasted copy is evicted its slot serves demand again.
 All four are running averages over plain counters, updated in O(1) per event, so
 with a predictor that guesses badly or a link that is already the bottleneck the
 planner stops copying, and with compute to spare it copies whatever is likely.
@@ -37,7 +39,6 @@ Outcomes, counted once per issued prefetch:
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -82,8 +83,8 @@ class PrefetchPlanner:
         self.gain = 0.05  # g
         self.damage = 0.0  # delta
         self._samples = {"occupancy": 1, "gain": 1, "damage": 1}
-        self._victims: dict[ExpertKey, int] = {}  # evicted for a prefetch -> plan index
-        self._victim_order: deque[tuple[int, ExpertKey]] = deque()
+        self._victims: dict[ExpertKey, ExpertKey] = {}  # evicted for a prefetch -> that prefetch, still unused
+        self._victim_of: dict[ExpertKey, ExpertKey] = {}  # the reverse
 
     def expected_value(self, score: float, evicts: bool) -> float:
         """Net stall saved by copying a candidate of ``score`` now, in copies (> 0: worth issuing)."""
@@ -103,19 +104,15 @@ class PrefetchPlanner:
         if issued is None:
             return
         _plan, b = issued
+        victim = self._victim_of.pop(key, None)
+        if victim is not None:  # the copy was used, or left unused: its victim was not missed meanwhile
+            del self._victims[victim]
+            self._sample("damage", 0.0)
         self._total[b] += 1.0
         if used:
             self._used[b] += 1.0
         if busy is not None:
             self._sample("occupancy", 1.0 if busy else 0.0)
-
-    def _expire_victims(self) -> None:
-        order, victims = self._victim_order, self._victims
-        while order and order[0][0] < self._plans - 2 * self._layers:
-            plan, key = order.popleft()
-            if victims.get(key) == plan:
-                del victims[key]
-                self._sample("damage", 0.0)
 
     # -- planning ----------------------------------------------------------------
     def plan(
@@ -131,8 +128,6 @@ class PrefetchPlanner:
         """
         issued = []
         self._plans += 1
-        if self._victim_order:
-            self._expire_victims()
         budget_left = self.budget_bytes - len(self.in_flight) * self.expert_bytes
         in_flight_per_scope: dict[int, int] = {}
         for k in self.in_flight:
@@ -163,8 +158,8 @@ class PrefetchPlanner:
             slot, evicted = placed
             if evicted is not None:
                 self.on_evict(evicted)
-                self._victims[evicted] = self._plans
-                self._victim_order.append((self._plans, evicted))
+                self._victims[evicted] = key
+                self._victim_of[key] = evicted
             self.in_flight.add(key)
             self._issued_at[key] = (self._plans, min(int(score * 10.0), 9) if score > 0 else 0)
             in_flight_per_scope[scope] = in_flight_per_scope.get(scope, 0) + 1
@@ -194,8 +189,8 @@ class PrefetchPlanner:
             self.outcomes.late += 1
             self._resolve(key, True, True)
             self._sample("gain", 0.05)
-        if key in self._victims:  # evicted for a prefetch, needed again within the window
-            del self._victims[key]
+        if key in self._victims:  # evicted for a prefetch that has not been used yet: a miss it caused
+            del self._victim_of[self._victims.pop(key)]
             self._sample("damage", 1.0)
 
     def on_evict(self, key: ExpertKey) -> None:
