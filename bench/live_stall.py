@@ -31,6 +31,7 @@ import torch
 
 from bench.decode import SHAPES, build_checkpoint
 from bench.policy_table import run_info
+from bench.prefetch_live import run_config
 from engine import Engine
 from engine.generation import SamplingParams
 
@@ -62,38 +63,12 @@ def record_and_train(model: Path, prompts: list[list[int]], decode_tokens: int, 
     return str(out)
 
 
-def _counters(eng: Engine) -> dict:
-    c = eng.runtime.step.sync_counters(block=True)
-    return {"hits": sum(c.hits[1]), "queries": sum(c.queries[1]), "stall": c.stall_seconds[1],
-            "issued": c.prefetch_issued, "useful": c.prefetch_useful, "wasted": c.prefetch_wasted,
-            "late": c.prefetch_late, "bytes": c.demand_bytes + c.prefetch_bytes}
-
-
 def decode(model: Path, prompts: list[list[int]], decode_tokens: int, **engine_kwargs) -> dict:
     """Decode after each prompt on one fresh engine; sums over prompts, decode steps only."""
-    totals: dict[str, float] = {}
-    seconds, tokens = 0.0, 0
-    with Engine.from_pretrained(model, device="cpu", progress=False, **engine_kwargs) as eng:
-        for prompt in prompts:
-            params = SamplingParams(max_tokens=decode_tokens + 1, temperature=0, ignore_eos=True)
-            first = before = None
-            count = 0
-            for ev in eng.generate([prompt], params):
-                if ev.token_id is None:
-                    continue
-                count += 1
-                if first is None:  # the prefill's token: decode starts here
-                    first, before = time.perf_counter(), _counters(eng)
-            end, after = time.perf_counter(), _counters(eng)
-            seconds += end - first
-            tokens += count - 1
-            for k in after:
-                totals[k] = totals.get(k, 0) + after[k] - before[k]
-    return {"decode_tokens": tokens, "tokens_per_second": tokens / seconds,
-            "stall_ms_per_token": totals["stall"] / tokens * 1e3,
-            "hit_rate": totals["hits"] / totals["queries"], "issued": int(totals["issued"]),
-            "useful": int(totals["useful"]), "late": int(totals["late"]), "wasted": int(totals["wasted"]),
-            "mb_per_token": totals["bytes"] / tokens / 1e6}
+    r = run_config(prompts, decode_tokens, model=model, **engine_kwargs)
+    keep = ("decode_tokens", "tokens_per_second", "stall_ms_per_token", "hit_rate", "issued", "useful", "late",
+            "wasted")
+    return {**{k: r[k] for k in keep}, "mb_per_token": (r["demand_mb"] + r["prefetch_mb"]) / r["decode_tokens"]}
 
 
 def layer_seconds(model: Path, prompts: list[list[int]], decode_tokens: int) -> tuple[float, int, int]:

@@ -54,18 +54,19 @@ def heldout_prompts(path: str, holdout: float, count: int, max_len: int) -> list
 
 
 def _decode_counters(eng: Engine) -> dict:
-    c = eng.runtime.counters
+    c = eng.runtime.step.sync_counters(block=True)
     return {"hits": sum(c.hits[1]), "queries": sum(c.queries[1]), "stall": c.stall_seconds[1],
             "issued": c.prefetch_issued, "useful": c.prefetch_useful, "wasted": c.prefetch_wasted,
             "late": c.prefetch_late, "demand_bytes": c.demand_bytes, "prefetch_bytes": c.prefetch_bytes}
 
 
-def run_config(prompts: list[list[int]], decode_tokens: int, **engine_kwargs) -> dict:
-    """Decode after each prompt on one fresh engine; sums over prompts, decode steps only."""
+def run_config(prompts: list[list[int]], decode_tokens: int, model=None, **engine_kwargs) -> dict:
+    """Decode after each prompt on one fresh engine (``model``: a checkpoint folder, None for the
+    embedded model); sums over prompts, decode steps only."""
     totals: dict[str, float] = {}
     decode_seconds = 0.0
     tokens = 0
-    with Engine.from_pretrained(None, device="cpu", progress=False, **engine_kwargs) as eng:
+    with Engine.from_pretrained(model, device="cpu", progress=False, **engine_kwargs) as eng:
         for prompt in prompts:
             params = SamplingParams(max_tokens=decode_tokens + 1, temperature=0, ignore_eos=True)
             first = before = None
