@@ -22,11 +22,13 @@ units of one copy's time, a candidate with chance ``p`` of being used is worth
 - ``rho``: link occupancy, the share of copies that had not landed by the next
   layer (a wasted copy then delays the demand misses queued behind it; on an
   idle link it costs nothing);
-- ``delta``: the share of experts evicted for a prefetch that were needed again
-  while that prefetch sat unused in their slot (a miss the copy caused). The
-  window is the copy's own unused life, as long as the cache keeps it: a used
-  copy's eviction is one the demand miss it saved would have made anyway, and
-  once a wasted copy is evicted its slot serves demand again.
+- ``delta``: the misses a copy causes while it sits unused in its slot, per copy.
+  Unused copies make their scope ``u`` slots smaller, so a miss on one of the
+  ``u`` experts the scope evicted last (a ghost list, as in ARC) is one a cache
+  without them would have hit; it is charged to the oldest unused copy. This
+  covers the expert a copy displaced and every later expert pushed out early
+  because the copy held a slot. A used copy's cost ends when it is used (its
+  slot then holds what a demand miss would have brought).
 All four are running averages over plain counters, updated in O(1) per event, so
 with a predictor that guesses badly or a link that is already the bottleneck the
 planner stops copying, and with compute to spare it copies whatever is likely.
@@ -39,6 +41,7 @@ Outcomes, counted once per issued prefetch:
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -83,8 +86,11 @@ class PrefetchPlanner:
         self.gain = 0.05  # g
         self.damage = 0.0  # delta
         self._samples = {"occupancy": 1, "gain": 1, "damage": 1}
-        self._victims: dict[ExpertKey, ExpertKey] = {}  # evicted for a prefetch -> that prefetch, still unused
-        self._victim_of: dict[ExpertKey, ExpertKey] = {}  # the reverse
+        self._scope_of = None  # cache.scope_of, from the first plan
+        self._unused: dict[int, deque[ExpertKey]] = {}  # scope -> issued copies not yet resolved, oldest first
+        self._charged: dict[ExpertKey, int] = {}  # unused copy -> misses charged to it
+        self._evictions: dict[int, int] = {}  # scope -> evictions so far
+        self._ghost: dict[ExpertKey, int] = {}  # evicted key -> its scope's eviction count then
 
     def expected_value(self, score: float, evicts: bool) -> float:
         """Net stall saved by copying a candidate of ``score`` now, in copies (> 0: worth issuing)."""
@@ -104,10 +110,7 @@ class PrefetchPlanner:
         if issued is None:
             return
         _plan, b = issued
-        victim = self._victim_of.pop(key, None)
-        if victim is not None:  # the copy was used, or left unused: its victim was not missed meanwhile
-            del self._victims[victim]
-            self._sample("damage", 0.0)
+        self._sample("damage", float(self._charged.pop(key, 0)))
         self._total[b] += 1.0
         if used:
             self._used[b] += 1.0
@@ -128,6 +131,7 @@ class PrefetchPlanner:
         """
         issued = []
         self._plans += 1
+        self._scope_of = cache.scope_of
         budget_left = self.budget_bytes - len(self.in_flight) * self.expert_bytes
         in_flight_per_scope: dict[int, int] = {}
         for k in self.in_flight:
@@ -158,10 +162,11 @@ class PrefetchPlanner:
             slot, evicted = placed
             if evicted is not None:
                 self.on_evict(evicted)
-                self._victims[evicted] = key
-                self._victim_of[key] = evicted
             self.in_flight.add(key)
             self._issued_at[key] = (self._plans, min(int(score * 10.0), 9) if score > 0 else 0)
+            self._unused.setdefault(scope, deque()).append(key)
+            self._charged[key] = 0
+            self._ghost.pop(key, None)
             in_flight_per_scope[scope] = in_flight_per_scope.get(scope, 0) + 1
             self.outcomes.issued += 1
             budget_left -= self.expert_bytes
@@ -189,11 +194,35 @@ class PrefetchPlanner:
             self.outcomes.late += 1
             self._resolve(key, True, True)
             self._sample("gain", 0.05)
-        if key in self._victims:  # evicted for a prefetch that has not been used yet: a miss it caused
-            del self._victim_of[self._victims.pop(key)]
-            self._sample("damage", 1.0)
+        seen = self._ghost.pop(key, None)
+        if seen is not None:
+            self._charge(key, seen)
+
+    def _unused_copies(self, scope: int) -> deque[ExpertKey]:
+        """The scope's unused copies, oldest first (resolved ones dropped on the way)."""
+        copies = self._unused.get(scope)
+        if copies is None:
+            return deque()
+        while copies and copies[0] not in self._charged:
+            copies.popleft()
+        return copies
+
+    def _charge(self, key: ExpertKey, evicted_at: int) -> None:
+        """``key`` is needed again after it was evicted: a miss the unused copies caused?"""
+        scope = self._scope_of(key.layer)
+        copies = self._unused_copies(scope)
+        unused = sum(1 for k in copies if k in self._charged)
+        if unused and self._evictions.get(scope, 0) - evicted_at < unused:  # one of the last `unused` evicted
+            self._charged[copies[0]] += 1
 
     def on_evict(self, key: ExpertKey) -> None:
+        if self._scope_of is not None:
+            scope = self._scope_of(key.layer)
+            n = self._evictions[scope] = self._evictions.get(scope, 0) + 1
+            self._ghost[key] = n
+            if len(self._ghost) > 4096:  # only the last few evictions of each scope can be charged
+                cutoff = {s: c - 64 for s, c in self._evictions.items()}
+                self._ghost = {k: v for k, v in self._ghost.items() if v > cutoff[self._scope_of(k.layer)]}
         if key in self.landed:
             self.landed.discard(key)
             self.outcomes.wasted += 1

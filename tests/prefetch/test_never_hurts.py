@@ -8,11 +8,10 @@ the copies it issues while its running averages are still plain means (the first
 samples). The allowance is twice that many copies (each wasted copy can delay a demand
 miss by one copy and cost one re-fetch); it does not grow with the trace.
 
-The examples are drawn from a fixed seed, so every run checks the same ones. A wider search
-(400 examples) still finds a corner where the property fails: compute-rich (2000 us per layer),
-the confidently wrong predictor, 16 of 32 slots on the ``prefill`` regime, 1.22x the stall of no
-prefetching. A wasted copy shrinks the cache by one slot for as long as it stays, a cost the
-planner's eviction-damage estimate only sees through the victim it displaced.
+The examples are drawn from a fixed seed, so every run checks the same ones; wider random
+searches (1000 examples) found no violation. An earlier damage estimate (only the expert a copy
+displaced, only within two tokens) failed this property at 1.2-1.6x in compute-rich corners with
+the confidently wrong predictor: unused copies shrink their scope, pushing other experts out early.
 """
 
 from __future__ import annotations
@@ -72,7 +71,7 @@ def _allowance(res) -> float:
     return 2 * (explored + learning) * copy
 
 
-@settings(max_examples=12, deadline=None, derandomize=True)
+@settings(max_examples=600, deadline=None)
 @given(name=st.sampled_from(sorted(REGIMES)), seed=st.integers(0, 50), slots=st.sampled_from([6, 10, 16]),
        compute_us=st.sampled_from([5.0, 50.0, 200.0, 2000.0]), budget=st.sampled_from([None, 1, 8]),
        predictor=st.sampled_from(["freq", "eam", "prev", "wrong"]))
@@ -91,7 +90,7 @@ def test_prefetch_is_never_slower_than_none(name, seed, slots, compute_us, budge
             mp.undo()
     else:
         got, res = _stall(trace, schedule, predictor, slots, compute_us, budget)
-    assert got <= none + _allowance(res), (got, none, res.prefetch)
+    assert got <= none + _allowance(res), (name, seed, slots, compute_us, budget, predictor, got, none, res.prefetch)
 
 
 def test_the_oracle_still_gains_at_both_ends():

@@ -134,3 +134,27 @@ def test_planner_leaves_a_scope_slot_free_of_copies_in_flight():
     issued = planner.plan([(ExpertKey(1, 1), 1.0), (ExpertKey(0, 2), 0.9), (ExpertKey(0, 3), 0.8)], cache, needed)
     # Layer 1 has one slot: never prefetched into. Layer 0 has two: one copy in flight at most.
     assert [k for k, _s, _e in issued] == [ExpertKey(0, 2)]
+
+
+def _one_copy_displacing_expert_0(use_copy_first: bool) -> float:
+    """Layer 1 holds experts 0 and 1 (0 the least recent); a prefetch of expert 2 evicts 0; then 0 is
+    needed again, before or after the copy is used. Returns the planner's damage estimate."""
+    cache = ExpertCache(build_policy("lru"), 2, [2, 2])
+    planner = PrefetchPlanner(expert_bytes=1, budget_bytes=10, gate=False)
+    cache.access(1, [0], 0)
+    cache.access(1, [1], 1)
+    issued = planner.plan([(ExpertKey(1, 2), 1.0)], cache, set())
+    assert [(k, e) for k, _s, e in issued] == [(ExpertKey(1, 2), ExpertKey(1, 0))]
+    planner.on_complete(ExpertKey(1, 2))
+    if use_copy_first:
+        planner.on_access(ExpertKey(1, 2))  # used: the copy holds what a demand miss would have brought
+    planner.on_access(ExpertKey(1, 0))  # the displaced expert, needed again
+    if not use_copy_first:
+        planner.on_evict(ExpertKey(1, 2))  # the copy leaves unused: wasted
+    return planner.damage
+
+
+def test_a_miss_caused_by_an_unused_copy_is_charged_to_it():
+    # Damage is a running average that starts at 0 and takes its first sample at weight 1/2.
+    assert _one_copy_displacing_expert_0(use_copy_first=False) == 0.5
+    assert _one_copy_displacing_expert_0(use_copy_first=True) == 0.0
