@@ -91,6 +91,7 @@ class PrefetchPlanner:
         self._charged: dict[ExpertKey, int] = {}  # unused copy -> misses charged to it
         self._evictions: dict[int, int] = {}  # scope -> evictions so far
         self._ghost: dict[ExpertKey, int] = {}  # evicted key -> its scope's eviction count then
+        self._ghost_limit = 4096
 
     def expected_value(self, score: float, evicts: bool) -> float:
         """Net stall saved by copying a candidate of ``score`` now, in copies (> 0: worth issuing)."""
@@ -220,9 +221,10 @@ class PrefetchPlanner:
             scope = self._scope_of(key.layer)
             n = self._evictions[scope] = self._evictions.get(scope, 0) + 1
             self._ghost[key] = n
-            if len(self._ghost) > 4096:  # only the last few evictions of each scope can be charged
+            if len(self._ghost) > self._ghost_limit:  # only the last few evictions of a scope can be charged
                 cutoff = {s: c - 64 for s, c in self._evictions.items()}
                 self._ghost = {k: v for k, v in self._ghost.items() if v > cutoff[self._scope_of(k.layer)]}
+                self._ghost_limit = 2 * len(self._ghost) + 4096  # amortised O(1) per eviction
         if key in self.landed:
             self.landed.discard(key)
             self.outcomes.wasted += 1
