@@ -64,9 +64,9 @@ class HybridCostModel:
         out = []
         free = cache.has_free_slot(layer)
         for key, n in zip(cache.keys_of(layer, experts), counts):
+            rent = self.rent.pop(key, 0.0)  # resident or on its way: it starts renting afresh
             if key in inflight or cache.is_resident(key):
                 continue
-            rent = self.rent.pop(key, 0.0)  # a fetched expert starts renting afresh
             if self.prefer_host(n, free, rent):
                 out.append(key.expert)
                 self.rent[key] = rent + self.host_seconds(n)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from cuda_ext.pages import advise_huge_pages
+
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "cpu_ops.cpp", CSRC / "cpu_kernels.cpp")
 HEADERS = (CSRC / "cpu_kernels.h", CSRC / "cpu_kernels_impl.h")
@@ -143,8 +145,6 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     """The machine's memory read bandwidth in GB/s, for benchmarks: the best of a few full reads of
     a buffer far larger than the caches (on 2 MiB pages, as the expert pages), by the faster of a
     torch int64 sum and the native streaming read (when the kernels are loaded), over all threads."""
-    from engine.store import advise_huge_pages
-
     buf = torch.empty(int(gib * 2**30) // 8 * 8, dtype=torch.uint8)
     advise_huge_pages(buf)
     buf.fill_(1)

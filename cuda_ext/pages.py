@@ -26,6 +26,8 @@ kernels (``csrc/cpu_ops.cpp``) compute the same offsets; keep both in step.
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -260,3 +262,22 @@ def apply_act(gu: torch.Tensor, interleaved: bool, act: str, alpha: float, limit
         up = up.clamp(-limit, limit)
         return (up + 1) * gate * torch.sigmoid(gate * alpha)
     raise ValueError(f"act must be 'silu' or 'swiglu_oai', got {act!r}")
+
+
+def advise_huge_pages(t: torch.Tensor) -> bool:
+    """Ask Linux to back ``t`` (not yet written) with 2 MiB pages: the kernels stream every page of
+    a layer per token, and 4 KiB pages would cost a TLB miss every 4 KiB. Best effort (False when
+    the platform or the transparent-huge-page setting says no)."""
+    if sys.platform != "linux" or t.numel() * t.element_size() < 2 * _HUGE:
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        start = -(-t.data_ptr() // _HUGE) * _HUGE
+        end = (t.data_ptr() + t.numel() * t.element_size()) // _HUGE * _HUGE
+        return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+_HUGE = 2 << 20
+_MADV_HUGEPAGE = 14

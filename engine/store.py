@@ -11,7 +11,6 @@ allocation, pinned when CUDA is present, so transfers are true DMA.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from cuda_ext.pages import PageFormat
+from cuda_ext.pages import PageFormat, advise_huge_pages
 from engine import page_cache
 from engine.arch import ExpertLayout, ExpertTensorRef, dequantize_mxfp4, down_to_layout, fuse_gate_up
 from engine.config import EXPERT_DTYPES
@@ -59,25 +58,6 @@ def page_format(layout: ExpertLayout, compute_dtype: torch.dtype, expert_dtype: 
         except ValueError as exc:
             raise MoepagerError(f"--int4-group-size: {exc}") from None
     return PageFormat("float", _FLOAT_BY_NAME.get(expert_dtype, compute_dtype), **common)
-
-
-def advise_huge_pages(t: torch.Tensor) -> bool:
-    """Ask Linux to back ``t`` (not yet written) with 2 MiB pages: the kernels stream every page of
-    a layer per token, and 4 KiB pages would cost a TLB miss every 4 KiB. Best effort (False when
-    the platform or the transparent-huge-page setting says no)."""
-    if sys.platform != "linux" or t.numel() * t.element_size() < 2 * _HUGE:
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        start = -(-t.data_ptr() // _HUGE) * _HUGE
-        end = (t.data_ptr() + t.numel() * t.element_size()) // _HUGE * _HUGE
-        return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-_HUGE = 2 << 20
-_MADV_HUGEPAGE = 14
 
 
 class HostExpertStore:

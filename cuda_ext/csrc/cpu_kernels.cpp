@@ -65,7 +65,7 @@ static void tile_dp(const TileArgs& a, int64_t r, int nr, int64_t t0) {
   const int64_t K = a.K;
   const uint16_t* wp[RB];
   for (int i = 0; i < RB; ++i)
-    wp[i] = reinterpret_cast<const uint16_t*>(a.w + (r + (i < nr ? i : nr - 1)) * a.w_row_bytes);
+    wp[i] = reinterpret_cast<const uint16_t*>(a.w + tile_row(r, nr, i) * a.w_row_bytes);
   const uint16_t* xp[TB];
   for (int t = 0; t < TB; ++t) xp[t] = a.xb + (t0 + t) * K;
   __m512 acc[RB][TB];

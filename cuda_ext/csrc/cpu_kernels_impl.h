@@ -152,12 +152,15 @@ static inline void epilogue(const TileArgs& a, int64_t r, int nr, int64_t t0, co
   }
 }
 
+// Row i of a tile of nr rows starting at r; a short last tile repeats its last row (never stored).
+static inline int64_t tile_row(int64_t r, int nr, int i) { return r + (i < nr ? i : nr - 1); }
+
 template <int KIND, int TB>
 static void tile(const TileArgs& a, int64_t r, int nr, int64_t t0) {
   constexpr int RB = 4;
   const int64_t K = a.K;
   const uint8_t* wp[RB];
-  for (int i = 0; i < RB; ++i) wp[i] = a.w + (r + (i < nr ? i : nr - 1)) * a.w_row_bytes;  // pad with the last row
+  for (int i = 0; i < RB; ++i) wp[i] = a.w + tile_row(r, nr, i) * a.w_row_bytes;
   const float* xp[TB];
   for (int t = 0; t < TB; ++t) xp[t] = a.x + (t0 + t) * K;
   typename V::R acc[RB][TB];
@@ -191,7 +194,7 @@ static void tile_int(const TileArgs& a, int64_t r, int nr, int64_t t0) {
   constexpr int RB = 4;
   const int64_t K = a.K;
   const uint8_t* wp[RB];
-  for (int i = 0; i < RB; ++i) wp[i] = a.w + (r + (i < nr ? i : nr - 1)) * a.w_row_bytes;  // pad with the last row
+  for (int i = 0; i < RB; ++i) wp[i] = a.w + tile_row(r, nr, i) * a.w_row_bytes;
   const int16_t* xp[TB];
   for (int t = 0; t < TB; ++t) xp[t] = a.xq + (t0 + t) * K;
   typename V::R facc[RB][TB];
@@ -239,7 +242,7 @@ static void tile_int(const TileArgs& a, int64_t r, int nr, int64_t t0) {
     constexpr int64_t S = V::I4SPAN;
     const bool per_step = G % S != 0;  // a step spans two groups (AVX512, group an odd multiple of 32)
     auto gscale = [&](int i, int64_t g) {
-      return ld_scalar(a.scales, a.sdtype, (r + (i < nr ? i : nr - 1)) * ngroups + g);
+      return ld_scalar(a.scales, a.sdtype, tile_row(r, nr, i) * ngroups + g);
     };
     auto step = [&](int64_t k, bool half) {
       typename V::I lo[RB], hi[RB];
