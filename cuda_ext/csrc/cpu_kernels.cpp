@@ -64,8 +64,11 @@ static void tile_dp(const TileArgs& a, int64_t r, int nr, int64_t t0) {
   constexpr int RB = 4;
   const int64_t K = a.K;
   const uint16_t* wp[RB];
-  for (int i = 0; i < RB; ++i)
-    wp[i] = reinterpret_cast<const uint16_t*>(a.w + tile_row(r, nr, i) * a.w_row_bytes);
+  const uint8_t* wb[RB];
+  for (int i = 0; i < RB; ++i) {
+    wb[i] = a.w + tile_row(r, nr, i) * a.w_row_bytes;
+    wp[i] = reinterpret_cast<const uint16_t*>(wb[i]);
+  }
   const uint16_t* xp[TB];
   for (int t = 0; t < TB; ++t) xp[t] = a.xb + (t0 + t) * K;
   __m512 acc[RB][TB];
@@ -75,6 +78,7 @@ static void tile_dp(const TileArgs& a, int64_t r, int nr, int64_t t0) {
   for (; k + 32 <= K; k += 32) {
     __m512bh wv[RB];
     for (int i = 0; i < RB; ++i) wv[i] = (__m512bh)_mm512_loadu_si512(wp[i] + k);
+    prefetch_rows<64, RB>(wb, 2 * k);
     for (int t = 0; t < TB; ++t) {
       const __m512bh xv = (__m512bh)_mm512_loadu_si512(xp[t] + k);
       for (int i = 0; i < RB; ++i) acc[i][t] = _mm512_dpbf16_ps(acc[i][t], wv[i], xv);
