@@ -8,12 +8,22 @@ or with ``python -m cuda_ext.build``) overrides it for CUDA. A failed native bui
 is reported at first use and in ``native_status()``, never at import.
 
 On the host, ``moe_ffn`` runs one MoE layer's routed experts straight from their
-pages (``PageFormat``: float, int8 or int4) and ``linear`` / ``NativeLinear`` the
-dense layers at small T; native C++ kernels (``cpu.py``, ``native_cpu.py``)
+pages (``PageFormat``: float, int8 or int4), ``linear`` / ``NativeLinear`` the
+dense layers at small T and ``rms_norm`` / ``NativeRMSNorm`` the norms; native C++ kernels (``cpu.py``, ``native_cpu.py``)
 override their torch references for CPU tensors once built.
 """
 
-from cuda_ext.cpu import NativeLinear, cpu_kernel_status, linear, linear_reference, moe_ffn, moe_ffn_reference
+from cuda_ext.cpu import (
+    NativeLinear,
+    NativeRMSNorm,
+    cpu_kernel_status,
+    linear,
+    linear_reference,
+    moe_ffn,
+    moe_ffn_reference,
+    rms_norm,
+    rms_norm_reference,
+)
 from cuda_ext.ops import (
     MAX_NATIVE_TOKENS,
     expert_ffn,
@@ -25,6 +35,6 @@ from cuda_ext.ops import (
 )
 from cuda_ext.pages import PageFormat
 
-__all__ = ["MAX_NATIVE_TOKENS", "NativeLinear", "PageFormat", "cpu_kernel_status", "expert_ffn",
+__all__ = ["MAX_NATIVE_TOKENS", "NativeLinear", "NativeRMSNorm", "PageFormat", "cpu_kernel_status", "expert_ffn",
            "expert_ffn_reference", "expert_ffn_silu_reference", "linear", "linear_reference", "moe_ffn",
-           "moe_ffn_reference", "native_status", "select_expert_ffn", "silu_layout"]
+           "moe_ffn_reference", "native_status", "rms_norm", "rms_norm_reference", "select_expert_ffn", "silu_layout"]

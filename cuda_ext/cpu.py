@@ -1,4 +1,4 @@
-"""The host expert and dense kernels: ``moe_ffn`` (one call per MoE layer) and ``linear``.
+"""The host expert and dense kernels: ``moe_ffn`` (one call per MoE layer), ``linear`` and ``rms_norm``.
 
 Both are ``torch.library`` ops in the ``moepager`` namespace. The plain-torch
 reference below is the default kernel on every device (and the ground truth the
@@ -22,6 +22,8 @@ from cuda_ext.pages import PageFormat, apply_act
 
 MOE_OP = "moepager::moe_ffn"
 LINEAR_OP = "moepager::linear"
+RMS_NORM_OP = "moepager::rms_norm"
+RMS_MODES = {"cast_then_scale": 0, "scale_then_cast": 1}
 ACTS = ("silu", "swiglu_oai")
 
 
@@ -66,6 +68,26 @@ def _linear_fake(x, w, bias=None):
     return x.new_empty((x.shape[0], w.shape[0]))
 
 
+# -- rms_norm ------------------------------------------------------------------------------
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, mode: int) -> torch.Tensor:
+    """RMSNorm over the last dim in fp32, rounded as the modules round it.
+
+    mode 0 (Llama, Mixtral, Qwen, OLMoE, DeepSeek): ``weight * normed.to(x.dtype)``, in the promoted dtype;
+    mode 1 (GPT-OSS): ``(weight * normed).to(x.dtype)``.
+    """
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if mode == 0:
+        return weight * normed.to(x.dtype)
+    if mode == 1:
+        return (weight * normed).to(x.dtype)
+    raise ValueError(f"rms_norm: mode must be 0 or 1, got {mode}")
+
+
+def _rms_norm_fake(x, weight, eps, mode):
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype) if mode == 0 else x.dtype)
+
+
 def _declare() -> None:
     if hasattr(torch.ops.moepager, "moe_ffn"):
         return  # already declared in this process
@@ -78,6 +100,9 @@ def _declare() -> None:
     torch.library.define(LINEAR_OP, "(Tensor x, Tensor w, Tensor? bias=None) -> Tensor")
     torch.library.impl(LINEAR_OP, "default", linear_reference)
     torch.library.register_fake(LINEAR_OP, _linear_fake)
+    torch.library.define(RMS_NORM_OP, "(Tensor x, Tensor weight, float eps, int mode) -> Tensor")
+    torch.library.impl(RMS_NORM_OP, "default", rms_norm_reference)
+    torch.library.register_fake(RMS_NORM_OP, _rms_norm_fake)
 
 
 _declare()
@@ -113,6 +138,35 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     return y.reshape(*lead, w.shape[0])
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, mode: int) -> torch.Tensor:
+    """RMSNorm of x over its last dim (see ``rms_norm_reference``); native on CPU."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return rms_norm_reference(x, weight, eps, mode)  # the op has no backward
+    if x.device.type == "cpu":
+        native_cpu.available()
+    return torch.ops.moepager.rms_norm(x, weight, float(eps), int(mode))
+
+
+class NativeRMSNorm(nn.Module):
+    """An RMSNorm stand-in that calls ``rms_norm``; shares the original weight Parameter (no copy).
+
+    Built by ``engine.dense.use_native_norms`` only for modules whose output a probe with random
+    weights matched exactly in one of the two modes.
+    """
+
+    def __init__(self, weight: nn.Parameter, eps: float, mode: int) -> None:
+        super().__init__()
+        self.weight = weight
+        self.eps = float(eps)
+        self.mode = int(mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, self.mode)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, mode={self.mode}"
+
+
 class NativeLinear(nn.Module):
     """An ``nn.Linear`` stand-in that calls ``linear``; shares the original Parameters (no copy)."""
 
@@ -136,4 +190,4 @@ class NativeLinear(nn.Module):
 def cpu_kernel_status() -> dict[str, str]:
     """Which implementation serves each op on CPU, and the ISA this CPU offers (never builds)."""
     impl = native_cpu.status()
-    return {"moe_ffn": impl, "linear": impl, "cpu_isa": native_cpu.detect_isa()}
+    return {"moe_ffn": impl, "linear": impl, "rms_norm": impl, "cpu_isa": native_cpu.detect_isa()}

@@ -7,13 +7,20 @@ the very same Parameters (state_dict and tied weights unchanged) and calls the
 native ``linear`` kernel at small T (torch's where torch is faster). Routers are
 not ``nn.Linear`` in transformers' MoE blocks and stay untouched, so routing is
 computed exactly as the reference computes it.
+
+RMSNorms (four or more per layer) are swapped for ``cuda_ext.NativeRMSNorm``, one op call
+instead of seven small torch ops, when a probe shows the module computes one of the two
+roundings the op knows (``cuda_ext.rms_norm_reference``); any other norm stays as it is.
 """
 
 from __future__ import annotations
 
+import copy
+
+import torch
 from torch import nn
 
-from cuda_ext import NativeLinear
+from cuda_ext import NativeLinear, NativeRMSNorm, rms_norm_reference
 
 
 def use_native_dense(model: nn.Module) -> int:
@@ -25,6 +32,60 @@ def use_native_dense(model: nn.Module) -> int:
                 swaps.append((parent, name, child))
     for parent, name, child in swaps:
         setattr(parent, name, NativeLinear.from_linear(child))
+    return len(swaps)
+
+
+def _norm_eps(module: nn.Module) -> float | None:
+    """The epsilon of a module shaped like an RMSNorm: a leaf whose only parameter is a 1-D ``weight``
+    and that carries ``variance_epsilon`` or ``eps``; None for anything else."""
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    names = [n for n, _ in module.named_parameters()]
+    if names != ["weight"] or module.weight.dim() != 1 or not isinstance(eps, float):
+        return None
+    return None if any(True for _ in module.children()) else eps
+
+
+def rms_norm_mode(module: nn.Module) -> int | None:
+    """The ``rms_norm`` mode that reproduces ``module`` exactly, or None.
+
+    A copy of the module with random weights is run on random rows; a mode counts only if its
+    reference output is bit-identical, so a variant the op does not compute (a ``1 + weight``
+    scale, a mean subtraction, another rounding) is never swapped.
+    """
+    eps = _norm_eps(module)
+    if eps is None:
+        return None
+    g = torch.Generator().manual_seed(0)
+    probe = copy.deepcopy(module)
+    with torch.no_grad():
+        probe.weight.copy_(torch.rand(probe.weight.shape, generator=g) * 2 + 0.25)
+        x = (torch.randn(3, probe.weight.shape[0], generator=g) * 3).to(probe.weight.dtype)
+        try:
+            got = probe(x)
+        except Exception:  # noqa: BLE001 - a module that rejects the probe is simply not swapped
+            return None
+        for mode in (0, 1):
+            want = rms_norm_reference(x, probe.weight, eps, mode)
+            if isinstance(got, torch.Tensor) and got.dtype == want.dtype and torch.equal(got, want):
+                return mode
+    return None
+
+
+def use_native_norms(model: nn.Module) -> int:
+    """Swap every RMSNorm of ``model`` (on the CPU) that ``rms_norm_mode`` recognises (one probe per
+    class); returns how many."""
+    swaps, modes = [], {}
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            eps = _norm_eps(child)
+            if eps is None or child.weight.device.type != "cpu":
+                continue
+            if type(child) not in modes:
+                modes[type(child)] = rms_norm_mode(child)
+            if modes[type(child)] is not None:
+                swaps.append((parent, name, NativeRMSNorm(child.weight, eps, modes[type(child)])))
+    for parent, name, native in swaps:
+        setattr(parent, name, native)
     return len(swaps)
 
 
@@ -42,4 +103,4 @@ def dense_bytes(model: nn.Module) -> int:
     return total
 
 
-__all__ = ["dense_bytes", "use_native_dense"]
+__all__ = ["dense_bytes", "rms_norm_mode", "use_native_dense", "use_native_norms"]

@@ -1,4 +1,5 @@
-// CPU kernels of moepager::moe_ffn and moepager::linear (TORCH_LIBRARY_IMPL(moepager, CPU)).
+// CPU kernels of moepager::moe_ffn, moepager::linear and moepager::rms_norm
+// (TORCH_LIBRARY_IMPL(moepager, CPU)).
 // The ops and their torch references are declared in cuda_ext/cpu.py; this file only overrides
 // them for CPU tensors. The arithmetic lives in cpu_kernels.cpp (one region per ISA); the ISA is
 // chosen at run time from cpuid, capped by MOEPAGER_CPU_ISA, and can be changed for tests through
@@ -14,6 +15,9 @@
 #include <ATen/ops/sigmoid.h>
 #include <ATen/ops/silu.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cmath>
 #include <torch/library.h>
 
 #include <atomic>
@@ -337,21 +341,88 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optio
     return linear_fallback(x, w, bias);
   const int64_t T = x.size(0), IN = w.size(1), OUT = w.size(0);
   const int code = wt == at::kFloat ? kF32 : wt == at::kBFloat16 ? kBF16 : kF16;
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
   const bool want_bf16 = kt->bf16_x && code == kBF16;
-  const at::Tensor xb = want_bf16 ? xf.to(at::kBFloat16) : at::Tensor();
+  // One bf16 token on the AVX512_BF16 kernel reads only the bf16 x: no fp32 copy is made.
+  const bool bf16_only = want_bf16 && T == 1 && x.scalar_type() == at::kBFloat16;
+  const at::Tensor xf = bf16_only ? at::Tensor() : x.to(at::kFloat).contiguous();
+  const at::Tensor xb = bf16_only ? x.contiguous() : want_bf16 ? xf.to(at::kBFloat16) : at::Tensor();
   const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor out = at::zeros({T, OUT}, xf.options());
+  at::Tensor out = at::zeros({T, OUT}, x.options().dtype(at::kFloat));
   TileArgs a{};
   a.w = static_cast<const uint8_t*>(w.data_ptr()); a.w_row_bytes = IN * w.element_size();
   a.kind = code; a.K = IN; a.sdtype = kS32;
   a.bias = bias.has_value() ? bf.data_ptr<float>() : nullptr;
-  a.x = xf.data_ptr<float>();
+  a.x = bf16_only ? nullptr : xf.data_ptr<float>();
   a.xb = want_bf16 ? reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()) : nullptr;
   a.n = T; a.out = out.data_ptr<float>(); a.ldo = OUT;
   std::vector<TileArgs> jobs{a};
   run_rows(kt, jobs, OUT);
   return out.to(x.scalar_type());
+}
+
+// RMSNorm over the last dim, in fp32, with the modules' roundings (cuda_ext/cpu.py
+// rms_norm_reference is the ground truth): mode 0 (Llama-style) rounds the normalised row to x's
+// dtype, then multiplies by the weight in the promoted dtype; mode 1 (GPT-OSS) multiplies in fp32
+// and rounds once to x's dtype. One row per token; rows are split across threads beyond 64.
+template <typename T>
+float to_f(T v) { return static_cast<float>(v); }
+
+template <typename T>
+float round_to(float v) { return static_cast<float>(static_cast<T>(v)); }
+
+template <typename X, typename W, typename O>
+void rms_rows(const X* x, const W* w, O* out, int64_t rows, int64_t H, float eps, int64_t mode) {
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    std::vector<float> buf(H);
+    for (int64_t r = r0; r < r1; ++r) {
+      const X* xr = x + r * H;
+      float ss = 0.0f;
+      for (int64_t k = 0; k < H; ++k) {
+        buf[k] = to_f(xr[k]);
+        ss += buf[k] * buf[k];
+      }
+      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(H) + eps);
+      O* o = out + r * H;
+      for (int64_t k = 0; k < H; ++k) {
+        const float n = buf[k] * inv;
+        if (mode == 0) o[k] = static_cast<O>(to_f(w[k]) * round_to<X>(n));
+        else o[k] = static_cast<O>(round_to<X>(to_f(w[k]) * n));
+      }
+    }
+  });
+}
+
+// Calls f with a value of the C++ type of a float dtype (float, BFloat16 or Half).
+template <typename F>
+void with_float_type(at::ScalarType t, const char* what, F&& f) {
+  if (t == at::kFloat) f(float{});
+  else if (t == at::kBFloat16) f(at::BFloat16{});
+  else if (t == at::kHalf) f(at::Half{});
+  else TORCH_CHECK(false, "rms_norm: ", what, " must be float32, bfloat16 or float16, got ", t);
+}
+
+at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps, int64_t mode) {
+  TORCH_CHECK(mode == 0 || mode == 1, "rms_norm: mode must be 0 (cast, then scale) or 1 (scale, then cast)");
+  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 1 && weight.size(0) == x.size(-1),
+              "rms_norm: weight must be [", x.size(-1), "], got ", weight.sizes());
+  const auto xd = x.scalar_type(), wd = weight.scalar_type();
+  const auto od = mode == 0 ? at::promote_types(xd, wd) : xd;
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(od));
+  const int64_t H = x.size(-1), rows = H ? x.numel() / H : 0;
+  if (rows == 0) return out;
+  const float e = static_cast<float>(eps);
+  with_float_type(xd, "x", [&](auto xt) {
+    with_float_type(wd, "weight", [&](auto wt) {
+      with_float_type(od, "the output", [&](auto ot) {
+        using X = decltype(xt);
+        using W = decltype(wt);
+        using O = decltype(ot);
+        rms_rows<X, W, O>(xc.data_ptr<X>(), wc.data_ptr<W>(), out.data_ptr<O>(), rows, H, e, mode);
+      });
+    });
+  });
+  return out;
 }
 
 // Reads every byte of t once, split across threads (the machine's read bandwidth, for benchmarks);
@@ -397,6 +468,7 @@ std::string detected_isa() {
 TORCH_LIBRARY_IMPL(moepager, CPU, m) {
   m.impl("moe_ffn", &moepager_cpu::moe_ffn_cpu);
   m.impl("linear", &moepager_cpu::linear_cpu);
+  m.impl("rms_norm", &moepager_cpu::rms_norm_cpu);
 }
 
 TORCH_LIBRARY(moepager_cpu, m) {

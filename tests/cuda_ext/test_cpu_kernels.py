@@ -1,4 +1,4 @@
-"""Native CPU kernels (moe_ffn, linear) against their torch references, and the page formats.
+"""Native CPU kernels (moe_ffn, linear, rms_norm) against their torch references, and the page formats.
 
 Tolerances: outputs are compared as max |native - reference| <= tol * max |reference|
 (the output scale). fp32 pages with fp32 x: 1e-5. Everything else: 1e-2, since
@@ -22,12 +22,15 @@ from torch import nn
 import cuda_ext
 from cuda_ext import (
     NativeLinear,
+    NativeRMSNorm,
     PageFormat,
     linear,
     linear_reference,
     moe_ffn,
     moe_ffn_reference,
     native_cpu,
+    rms_norm,
+    rms_norm_reference,
 )
 
 ROOT = Path(__file__).parents[2]
@@ -255,10 +258,56 @@ def test_native_linear_shares_parameters(native):
     assert lin.weight.grad is not None
 
 
+# -- rms_norm ------------------------------------------------------------------------------
+FLOATS = [torch.float32, torch.bfloat16, torch.float16]
+ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("wdtype", FLOATS)
+@pytest.mark.parametrize("xdtype", FLOATS)
+def test_rms_norm_matches_reference(native, xdtype, wdtype, mode):
+    """Same dtype as the reference; within 2 units in the last place of the coarser of x's and the
+    output's dtype (the normalised row is rounded to x's dtype, and the sum of squares is added in
+    another order), and bit-identical almost everywhere."""
+    g = torch.Generator().manual_seed(mode)
+    for shape in [(1, 1024), (3, 5, 96), (130, 64)]:  # 130 rows: split across threads
+        x = (torch.randn(*shape, generator=g) * 3).to(xdtype)
+        w = (torch.rand(shape[-1], generator=g) * 2 + 0.1).to(wdtype)
+        got, want = rms_norm(x, w, 1e-6, mode), rms_norm_reference(x, w, 1e-6, mode)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        diff = (got.float() - want.float()).abs()
+        ulp = max(ULP[xdtype], ULP[want.dtype])
+        assert diff.max() <= 2 * ulp * want.float().abs().max()
+        if xdtype != torch.float32:
+            assert (got != want).float().mean() < 0.01
+
+
+def test_rms_norm_opcheck_and_errors(native):
+    torch.library.opcheck(torch.ops.moepager.rms_norm.default, (torch.randn(3, 40), torch.rand(40), 1e-5, 0))
+    torch.library.opcheck(torch.ops.moepager.rms_norm.default,
+                          (torch.randn(2, 40).bfloat16(), torch.rand(40).bfloat16(), 1e-5, 1))
+    with pytest.raises(RuntimeError, match="weight must be"):
+        rms_norm(torch.randn(2, 40), torch.rand(41), 1e-5, 0)
+    with pytest.raises(RuntimeError, match="mode must be"):
+        rms_norm(torch.randn(2, 40), torch.rand(40), 1e-5, 2)
+    with pytest.raises(RuntimeError, match="x must be"):
+        rms_norm(torch.randn(2, 40).double(), torch.rand(40), 1e-5, 0)
+
+
+def test_native_rms_norm_shares_weight_and_trains(native):
+    w = nn.Parameter(torch.rand(48))
+    norm = NativeRMSNorm(w, 1e-5, 0)
+    assert norm.weight is w and list(norm.state_dict()) == ["weight"]
+    y = norm(torch.randn(2, 48, requires_grad=True))
+    y.sum().backward()
+    assert w.grad is not None
+
+
 # -- status and ISA selection ----------------------------------------------------------------
 def test_status_reports_native(native):
     status = cuda_ext.cpu_kernel_status()
-    assert status["moe_ffn"] == f"native-{native}" and status["linear"] == f"native-{native}"
+    assert status["moe_ffn"] == status["linear"] == status["rms_norm"] == f"native-{native}"
     assert status["cpu_isa"] == native_cpu.detect_isa()
 
 

@@ -85,6 +85,7 @@ def _native_and_reference(tiny_model_dir, monkeypatch, arch: str, dtype: str, st
         if not kernels["moe_ffn"].startswith("native"):
             pytest.skip(f"native CPU kernels unavailable here: {kernels['moe_ffn']}")
         assert kernels["expert_compute"] == "PagedMoeCompute" and kernels["dense_native_layers"] > 0
+        assert (kernels["norm_native_layers"] > 0) == (arch != "phimoe")  # PhiMoE: LayerNorm
         tokens, native = _decode_logits(eng, prompt, steps)
     with monkeypatch.context() as m:
         m.setattr("cuda_ext.native_cpu.available", lambda: False)
@@ -92,6 +93,7 @@ def _native_and_reference(tiny_model_dir, monkeypatch, arch: str, dtype: str, st
         with Engine.from_pretrained(str(path), device="cpu", dtype=dtype, progress=False) as eng:
             ref = eng.kernels()
             assert ref["expert_compute"] == "TorchExpertCompute" and ref["dense_native_layers"] == 0
+            assert ref["norm_native_layers"] == 0
             _, reference = _decode_logits(eng, prompt, steps, forced=tokens)
     return tokens, native, reference
 
