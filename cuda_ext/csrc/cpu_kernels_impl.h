@@ -54,6 +54,7 @@ struct V {
 #endif
   }
   static inline R cvt(I a) { return _mm512_cvtepi32_ps(a); }
+  static inline I iadd(I a, I b) { return _mm512_add_epi32(a, b); }
   // int32 lanes 0-7 come from the first 16-byte chunk of a step, lanes 8-15 from the second
   static inline R mix(float a, float b) { return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1); }
 };
@@ -98,6 +99,7 @@ struct V {
   static inline void ld_i4w_half(const uint8_t* p, I& lo, I& hi) { ld_i4w(p, lo, hi); }
   static inline I dpw(I acc, I a, I b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
   static inline R cvt(I a) { return _mm256_cvtepi32_ps(a); }
+  static inline I iadd(I a, I b) { return _mm256_add_epi32(a, b); }
   static inline R mix(float a, float) { return set1(a); }  // never used: I4SPAN divides every group
 };
 #else
@@ -234,6 +236,30 @@ static void tile_int(const TileArgs& a, int64_t r, int nr, int64_t t0) {
     int64_t k = 0;
     while (k < KV) {
       const int64_t end = std::min(KV, k + kFlush);
+      if constexpr (V::NW == 32) {
+        // AVX512: two steps per iteration into two sets of int32 sums, so the multiply-adds of
+        // consecutive steps do not wait on each other (AVX2 has too few registers for this)
+        typename V::I iacc2[RB][TB];
+        for (int i = 0; i < RB; ++i)
+          for (int t = 0; t < TB; ++t) iacc2[i][t] = V::izero();
+        for (; k + 2 * V::NW <= end; k += 2 * V::NW) {
+          typename V::I wv[RB], wv2[RB];
+          for (int i = 0; i < RB; ++i) {
+            wv[i] = V::ld_i8w(wp[i] + k);
+            wv2[i] = V::ld_i8w(wp[i] + k + V::NW);
+          }
+          prefetch_rows<2 * V::NW, RB>(wp, k);
+          for (int t = 0; t < TB; ++t) {
+            const typename V::I xv = V::ld_xq(xp[t] + k), xv2 = V::ld_xq(xp[t] + k + V::NW);
+            for (int i = 0; i < RB; ++i) {
+              iacc[i][t] = V::dpw(iacc[i][t], wv[i], xv);
+              iacc2[i][t] = V::dpw(iacc2[i][t], wv2[i], xv2);
+            }
+          }
+        }
+        for (int i = 0; i < RB; ++i)
+          for (int t = 0; t < TB; ++t) iacc[i][t] = V::iadd(iacc[i][t], iacc2[i][t]);
+      }
       for (; k < end; k += V::NW) {
         typename V::I wv[RB];
         for (int i = 0; i < RB; ++i) wv[i] = V::ld_i8w(wp[i] + k);

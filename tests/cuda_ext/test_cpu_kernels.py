@@ -169,6 +169,17 @@ def test_moe_ffn_odd_sizes(native):
     native_cpu.set_isa(native)
 
 
+def test_moe_ffn_int8_long_rows(native):
+    """int8 rows longer than one 2048-input int32 block, with a remainder of one and of two vector
+    steps after it (the AVX512 kernel takes two steps at a time), on every ISA."""
+    for isa in _isas():
+        native_cpu.set_isa(isa)
+        for H, I in ((2144, 96), (2112, 64)):
+            fmt = PageFormat("int8", torch.bfloat16, H, I, False, False, False)
+            _check(fmt, "silu", 3, torch.float32, seed=H)
+    native_cpu.set_isa(native)
+
+
 def test_moe_ffn_skips_and_repeats(native):
     fmt = _fmt("bf16", "silu", 64, 32)
     pages, rows = _pages(fmt), torch.tensor([2, 1])
