@@ -1,6 +1,6 @@
 """The host expert and dense kernels: ``moe_ffn`` (one call per MoE layer), ``linear`` and ``rms_norm``.
 
-Both are ``torch.library`` ops in the ``moepager`` namespace. The plain-torch
+All three are ``torch.library`` ops in the ``moepager`` namespace. The plain-torch
 reference below is the default kernel on every device (and the ground truth the
 tests compare against); the native C++ kernels (``native_cpu.py``) override it for
 CPU tensors once built. The wrappers build the native kernels on their first CPU
@@ -23,7 +23,6 @@ from cuda_ext.pages import PageFormat, apply_act
 MOE_OP = "moepager::moe_ffn"
 LINEAR_OP = "moepager::linear"
 RMS_NORM_OP = "moepager::rms_norm"
-RMS_MODES = {"cast_then_scale": 0, "scale_then_cast": 1}
 ACTS = ("silu", "swiglu_oai")
 
 
