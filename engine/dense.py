@@ -23,16 +23,20 @@ from torch import nn
 from cuda_ext import NativeLinear, NativeRMSNorm, rms_norm_reference
 
 
+def _swap_children(model: nn.Module, replace) -> int:
+    """Replace every submodule for which ``replace(child)`` returns a module; returns how many.
+    Replacements are collected first, so the walk never sees a half-swapped model."""
+    swaps = [(parent, name, new) for parent in model.modules() for name, child in parent.named_children()
+             if (new := replace(child)) is not None]
+    for parent, name, new in swaps:
+        setattr(parent, name, new)
+    return len(swaps)
+
+
 def use_native_dense(model: nn.Module) -> int:
     """Swap every ``nn.Linear`` of ``model`` (on the CPU) for ``NativeLinear``; returns how many."""
-    swaps = []
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if type(child) is nn.Linear and child.weight.device.type == "cpu":
-                swaps.append((parent, name, child))
-    for parent, name, child in swaps:
-        setattr(parent, name, NativeLinear.from_linear(child))
-    return len(swaps)
+    return _swap_children(model, lambda child: NativeLinear.from_linear(child)
+                          if type(child) is nn.Linear and child.weight.device.type == "cpu" else None)
 
 
 def _norm_eps(module: nn.Module) -> float | None:
@@ -74,19 +78,18 @@ def rms_norm_mode(module: nn.Module) -> int | None:
 def use_native_norms(model: nn.Module) -> int:
     """Swap every RMSNorm of ``model`` (on the CPU) that ``rms_norm_mode`` recognises (one probe per
     class); returns how many."""
-    swaps, modes = [], {}
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            eps = _norm_eps(child)
-            if eps is None or child.weight.device.type != "cpu":
-                continue
-            if type(child) not in modes:
-                modes[type(child)] = rms_norm_mode(child)
-            if modes[type(child)] is not None:
-                swaps.append((parent, name, NativeRMSNorm(child.weight, eps, modes[type(child)])))
-    for parent, name, native in swaps:
-        setattr(parent, name, native)
-    return len(swaps)
+    modes: dict[type, int | None] = {}
+
+    def replace(child: nn.Module) -> NativeRMSNorm | None:
+        eps = _norm_eps(child)
+        if eps is None or child.weight.device.type != "cpu":
+            return None
+        if type(child) not in modes:
+            modes[type(child)] = rms_norm_mode(child)
+        mode = modes[type(child)]
+        return None if mode is None else NativeRMSNorm(child.weight, eps, mode)
+
+    return _swap_children(model, replace)
 
 
 def dense_bytes(model: nn.Module) -> int:

@@ -63,12 +63,8 @@ template <int TB>
 static void tile_dp(const TileArgs& a, int64_t r, int nr, int64_t t0) {
   constexpr int RB = 4;
   const int64_t K = a.K;
-  const uint16_t* wp[RB];
-  const uint8_t* wb[RB];
-  for (int i = 0; i < RB; ++i) {
-    wb[i] = a.w + tile_row(r, nr, i) * a.w_row_bytes;
-    wp[i] = reinterpret_cast<const uint16_t*>(wb[i]);
-  }
+  const uint8_t* wb[RB];  // rows of bf16 weights; input k is at byte 2 * k
+  for (int i = 0; i < RB; ++i) wb[i] = a.w + tile_row(r, nr, i) * a.w_row_bytes;
   const uint16_t* xp[TB];
   for (int t = 0; t < TB; ++t) xp[t] = a.xb + (t0 + t) * K;
   __m512 acc[RB][TB];
@@ -77,7 +73,7 @@ static void tile_dp(const TileArgs& a, int64_t r, int nr, int64_t t0) {
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
     __m512bh wv[RB];
-    for (int i = 0; i < RB; ++i) wv[i] = (__m512bh)_mm512_loadu_si512(wp[i] + k);
+    for (int i = 0; i < RB; ++i) wv[i] = (__m512bh)_mm512_loadu_si512(wb[i] + 2 * k);
     prefetch_rows<64, RB>(wb, 2 * k);
     for (int t = 0; t < TB; ++t) {
       const __m512bh xv = (__m512bh)_mm512_loadu_si512(xp[t] + k);
@@ -87,7 +83,7 @@ static void tile_dp(const TileArgs& a, int64_t r, int nr, int64_t t0) {
   if (k < K) {  // zero-filled tail: both operands masked
     const __mmask32 m = static_cast<__mmask32>((1ull << (K - k)) - 1);
     __m512bh wv[RB];
-    for (int i = 0; i < RB; ++i) wv[i] = (__m512bh)_mm512_maskz_loadu_epi16(m, wp[i] + k);
+    for (int i = 0; i < RB; ++i) wv[i] = (__m512bh)_mm512_maskz_loadu_epi16(m, wb[i] + 2 * k);
     for (int t = 0; t < TB; ++t) {
       const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, xp[t] + k);
       for (int i = 0; i < RB; ++i) acc[i][t] = _mm512_dpbf16_ps(acc[i][t], wv[i], xv);

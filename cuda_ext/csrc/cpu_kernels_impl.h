@@ -233,6 +233,15 @@ static void tile_int(const TileArgs& a, int64_t r, int nr, int64_t t0) {
     typename V::R one[RB];
     for (int i = 0; i < RB; ++i) one[i] = V::set1(1.0f);
     const int64_t KV = K / V::NW * V::NW;
+    // int8 codes of inputs [k0, k0 + NW) of every row times x, into the int32 sums `acc`
+    auto step8 = [&](int64_t k0, typename V::I (&acc)[RB][TB]) {
+      typename V::I wv[RB];
+      for (int i = 0; i < RB; ++i) wv[i] = V::ld_i8w(wp[i] + k0);
+      for (int t = 0; t < TB; ++t) {
+        const typename V::I xv = V::ld_xq(xp[t] + k0);
+        for (int i = 0; i < RB; ++i) acc[i][t] = V::dpw(acc[i][t], wv[i], xv);
+      }
+    };
     int64_t k = 0;
     while (k < KV) {
       const int64_t end = std::min(KV, k + kFlush);
@@ -243,31 +252,16 @@ static void tile_int(const TileArgs& a, int64_t r, int nr, int64_t t0) {
         for (int i = 0; i < RB; ++i)
           for (int t = 0; t < TB; ++t) iacc2[i][t] = V::izero();
         for (; k + 2 * V::NW <= end; k += 2 * V::NW) {
-          typename V::I wv[RB], wv2[RB];
-          for (int i = 0; i < RB; ++i) {
-            wv[i] = V::ld_i8w(wp[i] + k);
-            wv2[i] = V::ld_i8w(wp[i] + k + V::NW);
-          }
           prefetch_rows<2 * V::NW, RB>(wp, k);
-          for (int t = 0; t < TB; ++t) {
-            const typename V::I xv = V::ld_xq(xp[t] + k), xv2 = V::ld_xq(xp[t] + k + V::NW);
-            for (int i = 0; i < RB; ++i) {
-              iacc[i][t] = V::dpw(iacc[i][t], wv[i], xv);
-              iacc2[i][t] = V::dpw(iacc2[i][t], wv2[i], xv2);
-            }
-          }
+          step8(k, iacc);
+          step8(k + V::NW, iacc2);
         }
         for (int i = 0; i < RB; ++i)
           for (int t = 0; t < TB; ++t) iacc[i][t] = V::iadd(iacc[i][t], iacc2[i][t]);
       }
       for (; k < end; k += V::NW) {
-        typename V::I wv[RB];
-        for (int i = 0; i < RB; ++i) wv[i] = V::ld_i8w(wp[i] + k);
         prefetch_rows<V::NW, RB>(wp, k);
-        for (int t = 0; t < TB; ++t) {
-          const typename V::I xv = V::ld_xq(xp[t] + k);
-          for (int i = 0; i < RB; ++i) iacc[i][t] = V::dpw(iacc[i][t], wv[i], xv);
-        }
+        step8(k, iacc);
       }
       flush(one);
     }
