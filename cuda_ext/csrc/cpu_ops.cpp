@@ -35,8 +35,9 @@ namespace {
 constexpr int64_t kAlign = 64;
 constexpr int64_t kRowBlock = 4;        // rows per tile; thread ranges are whole tiles
 constexpr int64_t kLinearMaxTokens = 16;  // beyond this oneDNN's GEMM (at::linear) is faster
-// An expert with more tokens than this (prefill) is dequantized and multiplied by oneDNN's GEMM:
-// the row-dot kernels are compute-bound there, a blocked GEMM is not.
+// An expert with more tokens than this (prefill) is widened to fp32 and multiplied by oneDNN's GEMM:
+// the row-dot kernels are compute-bound there, a blocked GEMM is not. fp32 keeps gate_up and the
+// activation unrounded, as the row kernels keep them.
 constexpr int64_t kGemmTokens = 32;
 
 int64_t align64(int64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
@@ -265,7 +266,6 @@ at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& pages, const at::T
       TORCH_CHECK(rp[u] >= 0 && rp[u] < pages.size(0), "moe_ffn: rows[", u, "] = ", rp[u], " is not a page");
       (count[u] > kGemmTokens ? gemm : active).push_back(u);
     }
-  const at::ScalarType wdt = code == kI8 || code == kI4 ? at::kFloat : dtype;  // the GEMM's dtype
 
   // 2) gate_up for every active expert: gu [N, 2I] = x_e @ W1^T + b1
   at::Tensor gu = at::zeros({N, 2 * I}, xf.options());
@@ -287,8 +287,8 @@ at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& pages, const at::T
   run_rows(kt, jobs, 2 * I);
   for (int64_t u : gemm) {
     const uint8_t* page = base + rp[u] * page_stride;
-    const at::Tensor w1 = dense_weight(page, code, dtype, L.w1, L.s1, 2 * I, H, group_size);
-    at::Tensor y = at::linear(xg.slice(0, start[u], start[u] + count[u]).to(wdt), w1).to(at::kFloat);
+    const at::Tensor w1 = dense_weight(page, code, dtype, L.w1, L.s1, 2 * I, H, group_size).to(at::kFloat);
+    at::Tensor y = at::linear(xg.slice(0, start[u], start[u] + count[u]), w1);
     if (has_bias) y = y + bias_of(page, L.b1, 2 * I, dtype);
     gu.slice(0, start[u], start[u] + count[u]).copy_(y);
   }
@@ -315,8 +315,8 @@ at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& pages, const at::T
   run_rows(kt, jobs, H);
   for (int64_t u : gemm) {
     const uint8_t* page = base + rp[u] * page_stride;
-    const at::Tensor w2 = dense_weight(page, code, dtype, L.w2, L.s2, H, I, group_size);
-    at::Tensor y = at::linear(h.slice(0, start[u], start[u] + count[u]).to(wdt), w2).to(at::kFloat);
+    const at::Tensor w2 = dense_weight(page, code, dtype, L.w2, L.s2, H, I, group_size).to(at::kFloat);
+    at::Tensor y = at::linear(h.slice(0, start[u], start[u] + count[u]), w2);
     if (has_bias) y = y + bias_of(page, L.b2, H, dtype);
     const at::Tensor wt = at::from_blob(ent_w.data() + start[u], {count[u], 1}, xf.options());
     const at::Tensor tok = at::from_blob(ent_tok.data() + start[u], {count[u]}, xf.options().dtype(at::kLong));
