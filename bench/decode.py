@@ -9,6 +9,8 @@ index), then runs each configuration in its own process so peak RSS is its own:
 - ``all`` (alias ``bf16``): moepager with its native CPU kernels, every expert resident, pages in the
   checkpoint's dtype;
 - ``int8`` / ``int4``: the same with quantized expert pages (``--expert-dtype``);
+- ``int8-dense``: int8 expert pages and int8 dense layers (``--dense-dtype int8``), every weight
+  a token reads in 8 bits, as 8-bit C++ engines run;
 - ``p25``: moepager with 25 % of experts in slots and an emulated 25 GB/s link;
 - ``load``: moepager load only (minimum slots): peak RSS against the checkpoint size.
 
@@ -110,7 +112,8 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-CASE_EXPERT_DTYPE = {"ref": "auto", "all": "auto", "bf16": "auto", "int8": "int8", "int4": "int4"}
+CASE_EXPERT_DTYPE = {"ref": "auto", "all": "auto", "bf16": "auto", "int8": "int8", "int4": "int4",
+                     "int8-dense": "int8"}
 
 
 def run_case(case: str, path: str, tokens: int, prompt_len: int, dtype: str) -> dict:
@@ -152,6 +155,8 @@ def run_case(case: str, path: str, tokens: int, prompt_len: int, dtype: str) -> 
     kwargs = {"device": "cpu", "dtype": dtype, "progress": False, "quant_cache_dir": f"{path}-page-cache"}
     if case in CASE_EXPERT_DTYPE:
         kwargs["expert_dtype"] = CASE_EXPERT_DTYPE[case]
+    if case == "int8-dense":
+        kwargs["dense_dtype"] = "int8"
     elif case == "p25":
         kwargs.update(expert_slots=None, emulate_link_gbps=25.0, emulate_link_latency_us=10.0)
     elif case == "load":
@@ -220,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    ap.add_argument("--cases", default="load,hf,ref,all,int8,int4,p25",
-                    help="comma-separated: load, hf, ref, all (alias bf16), int8, int4, p25")
+    ap.add_argument("--cases", default="load,hf,ref,all,int8,int4,int8-dense,p25",
+                    help="comma-separated: load, hf, ref, all (alias bf16), int8, int4, int8-dense, p25")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run each case this many times, alternating, and keep the fastest (shared machines)")
     ap.add_argument("--out", default=None)
@@ -258,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = native_cpu.read_bandwidth()  # the best of two streaming reads over all threads
     hf = next((r for r in results if r["case"] == "hf"), None)
     print(f"\nread bandwidth measured in this run: {bandwidth:.1f} GB/s")
-    print(f"{'case':<6} {'load s':>8} {'peak RSS GB':>12} {'RSS/ckpt':>9} {'decode tok/s':>13} {'vs hf':>6} "
+    print(f"{'case':<10} {'load s':>8} {'peak RSS GB':>12} {'RSS/ckpt':>9} {'decode tok/s':>13} {'vs hf':>6} "
           f"{'MB/token':>9} {'GB/s':>6} {'of bw':>6} {'hit rate':>9} {'stall ms/tok':>13}")
     for r in results:
         tps = r.get("decode_tokens_per_second")
@@ -267,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         gbs = nbytes * tps / 1e9 if nbytes and tps else None
         r.update(vs_hf=ratio, effective_GBps=gbs, of_read_bandwidth=gbs / bandwidth if gbs else None,
                  rss_over_checkpoint=r["peak_rss_bytes"] / r["checkpoint_bytes"])
-        print(f"{r['case']:<6} {r['load_seconds']:>8.1f} {r['peak_rss_bytes'] / 1e9:>12.2f} "
+        print(f"{r['case']:<10} {r['load_seconds']:>8.1f} {r['peak_rss_bytes'] / 1e9:>12.2f} "
               f"{r['rss_over_checkpoint']:>9.2f} {tps if tps else float('nan'):>13.2f} "
               f"{ratio if ratio else float('nan'):>6.2f} {nbytes / 1e6 if nbytes else float('nan'):>9.1f} "
               f"{gbs if gbs else float('nan'):>6.1f} {gbs / bandwidth if gbs else float('nan'):>6.2f} "

@@ -9,15 +9,18 @@ is reported at first use and in ``native_status()``, never at import.
 
 On the host, ``moe_ffn`` runs one MoE layer's routed experts straight from their
 pages (``PageFormat``: float, int8 or int4), ``linear`` / ``NativeLinear`` the
-dense layers at small T and ``rms_norm`` / ``NativeRMSNorm`` the norms; native C++ kernels (``cpu.py``, ``native_cpu.py``)
+dense layers at small T (``linear_int8`` / ``Int8Linear`` with int8 dense weights) and ``rms_norm`` / ``NativeRMSNorm`` the norms; native C++ kernels (``cpu.py``, ``native_cpu.py``)
 override their torch references for CPU tensors once built.
 """
 
 from cuda_ext.cpu import (
+    Int8Linear,
     NativeLinear,
     NativeRMSNorm,
     cpu_kernel_status,
     linear,
+    linear_int8,
+    linear_int8_reference,
     linear_reference,
     moe_ffn,
     moe_ffn_reference,
@@ -35,6 +38,6 @@ from cuda_ext.ops import (
 )
 from cuda_ext.pages import PageFormat
 
-__all__ = ["MAX_NATIVE_TOKENS", "NativeLinear", "NativeRMSNorm", "PageFormat", "cpu_kernel_status", "expert_ffn",
-           "expert_ffn_reference", "expert_ffn_silu_reference", "linear", "linear_reference", "moe_ffn",
+__all__ = ["MAX_NATIVE_TOKENS", "Int8Linear", "NativeLinear", "NativeRMSNorm", "PageFormat", "cpu_kernel_status", "expert_ffn",
+           "expert_ffn_reference", "expert_ffn_silu_reference", "linear", "linear_int8", "linear_int8_reference", "linear_reference", "moe_ffn",
            "moe_ffn_reference", "native_status", "rms_norm", "rms_norm_reference", "select_expert_ffn", "silu_layout"]

@@ -1,6 +1,7 @@
-"""The host expert and dense kernels: ``moe_ffn`` (one call per MoE layer), ``linear`` and ``rms_norm``.
+"""The host expert and dense kernels: ``moe_ffn`` (one call per MoE layer), ``linear``,
+``linear_int8`` (int8 dense weights, one scale per output row) and ``rms_norm``.
 
-All three are ``torch.library`` ops in the ``moepager`` namespace. The plain-torch
+All four are ``torch.library`` ops in the ``moepager`` namespace. The plain-torch
 reference below is the default kernel on every device (and the ground truth the
 tests compare against); the native C++ kernels (``native_cpu.py``) override it for
 CPU tensors once built. The wrappers build the native kernels on their first CPU
@@ -18,10 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from cuda_ext import native_cpu
-from cuda_ext.pages import PageFormat, apply_act
+from cuda_ext.pages import PageFormat, apply_act, quantize_int8
 
 MOE_OP = "moepager::moe_ffn"
 LINEAR_OP = "moepager::linear"
+LINEAR_INT8_OP = "moepager::linear_int8"
 RMS_NORM_OP = "moepager::rms_norm"
 ACTS = ("silu", "swiglu_oai")
 
@@ -67,6 +69,18 @@ def _linear_fake(x, w, bias=None):
     return x.new_empty((x.shape[0], w.shape[0]))
 
 
+# -- linear_int8 ---------------------------------------------------------------------------
+def linear_int8_reference(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, in] @ (w [out, in] int8 * scales [out]).T (+ bias) in fp32, returned in x's dtype."""
+    wf = w.float() * scales.float()[:, None]
+    return F.linear(x.float(), wf, None if bias is None else bias.float()).to(x.dtype)
+
+
+def _linear_int8_fake(x, w, scales, bias=None):
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
 # -- rms_norm ------------------------------------------------------------------------------
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, mode: int) -> torch.Tensor:
     """RMSNorm over the last dim in fp32, rounded as the modules round it.
@@ -99,6 +113,9 @@ def _declare() -> None:
     torch.library.define(LINEAR_OP, "(Tensor x, Tensor w, Tensor? bias=None) -> Tensor")
     torch.library.impl(LINEAR_OP, "default", linear_reference)
     torch.library.register_fake(LINEAR_OP, _linear_fake)
+    torch.library.define(LINEAR_INT8_OP, "(Tensor x, Tensor w, Tensor scales, Tensor? bias=None) -> Tensor")
+    torch.library.impl(LINEAR_INT8_OP, "default", linear_int8_reference)
+    torch.library.register_fake(LINEAR_INT8_OP, _linear_int8_fake)
     torch.library.define(RMS_NORM_OP, "(Tensor x, Tensor weight, float eps, int mode) -> Tensor")
     torch.library.impl(RMS_NORM_OP, "default", rms_norm_reference)
     torch.library.register_fake(RMS_NORM_OP, _rms_norm_fake)
@@ -134,6 +151,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
         native_cpu.available()
     lead = x.shape[:-1]
     y = torch.ops.moepager.linear(x.reshape(-1, x.shape[-1]), w, bias)
+    return y.reshape(*lead, w.shape[0])
+
+
+def linear_int8(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """y = x @ (w * scales[:, None]).T (+ bias) for int8 w [out, in]; native on CPU at small T."""
+    if x.device.type == "cpu":
+        native_cpu.available()
+    lead = x.shape[:-1]
+    y = torch.ops.moepager.linear_int8(x.reshape(-1, x.shape[-1]), w, scales, bias)
     return y.reshape(*lead, w.shape[0])
 
 
@@ -186,7 +213,37 @@ class NativeLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class Int8Linear(nn.Module):
+    """An ``nn.Linear`` stand-in with int8 weights, symmetric per output row (``pages.quantize_int8``,
+    scales kept in fp32): half the bytes of bf16 per token. Each weight is within ``scale / 2`` of
+    the original (``error_bound``). Calls ``linear_int8``; the bias stays in its own dtype."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: nn.Parameter | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight)  # int8 [out, in]
+        self.register_buffer("scales", scales)  # fp32 [out]
+        self.bias = bias
+
+    @classmethod
+    def from_linear(cls, lin: nn.Module) -> Int8Linear:
+        with torch.no_grad():
+            q, s = quantize_int8(lin.weight.detach(), torch.float32)
+        return cls(q.contiguous(), s.contiguous(), lin.bias)
+
+    def error_bound(self) -> torch.Tensor:
+        """The largest |w - dequantized w| of each output row: half its scale."""
+        return self.scales / 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_int8(x, self.qweight, self.scales, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
 def cpu_kernel_status() -> dict[str, str]:
     """Which implementation serves each op on CPU, and the ISA this CPU offers (never builds)."""
     impl = native_cpu.status()
-    return {"moe_ffn": impl, "linear": impl, "rms_norm": impl, "cpu_isa": native_cpu.detect_isa()}
+    return {"moe_ffn": impl, "linear": impl, "linear_int8": impl, "rms_norm": impl,
+            "cpu_isa": native_cpu.detect_isa()}

@@ -8,6 +8,7 @@ from engine.errors import MoepagerError
 
 DTYPES = ("float32", "bfloat16", "float16")
 EXPERT_DTYPES = ("auto", "bf16", "fp16", "fp32", "int8", "int4")
+DENSE_DTYPES = ("auto", "int8")
 DEVICES = ("auto", "cpu", "cuda")
 SCOPES = ("layer", "global")
 
@@ -35,6 +36,7 @@ class EngineConfig:
     route_from_trace: str | None = None  # benchmarks: replay routing from a trace (outputs meaningless)
     progress: bool = True
     expert_dtype: str = "auto"  # host page format: auto (the compute dtype) | bf16 | fp16 | fp32 | int8 | int4
+    dense_dtype: str = "auto"  # dense linears (attention, shared experts, LM head): auto (as loaded) | int8 (CPU)
     int4_group_size: int | None = None  # inputs per int4 scale; None: the largest of 128/64/32 that divides
     quant_cache_dir: str | None = None  # where quantized pages are cached; None: $MOEPAGER_CACHE_DIR or ~/.cache
 
@@ -64,6 +66,9 @@ class EngineConfig:
         if self.expert_dtype not in EXPERT_DTYPES:
             raise MoepagerError(f"--expert-dtype: unknown page dtype {self.expert_dtype!r}; choose one of "
                                 f"{', '.join(EXPERT_DTYPES)}")
+        if self.dense_dtype not in DENSE_DTYPES:
+            raise MoepagerError(f"--dense-dtype: unknown dtype {self.dense_dtype!r}; choose one of "
+                                f"{', '.join(DENSE_DTYPES)}")
         if self.int4_group_size is not None and self.int4_group_size < 1:
             raise MoepagerError(f"--int4-group-size must be a positive integer, got {self.int4_group_size}")
         if self.emulate_link_latency_us < 0:

@@ -8,6 +8,10 @@ native ``linear`` kernel at small T (torch's where torch is faster). Routers are
 not ``nn.Linear`` in transformers' MoE blocks and stay untouched, so routing is
 computed exactly as the reference computes it.
 
+With ``--dense-dtype int8`` the larger ``nn.Linear`` layers are swapped for ``cuda_ext.Int8Linear``
+instead (int8 weights, one fp32 scale per output row, quantized once at load): half the dense bytes
+per token, at a per-weight error of at most half a row's scale.
+
 RMSNorms (four or more per layer) are swapped for ``cuda_ext.NativeRMSNorm``, one op call
 instead of seven small torch ops, when a probe shows the module computes one of the two
 roundings the op knows (``cuda_ext.rms_norm_reference``); any other norm stays as it is.
@@ -20,7 +24,11 @@ import copy
 import torch
 from torch import nn
 
-from cuda_ext import NativeLinear, NativeRMSNorm, rms_norm_reference
+from cuda_ext import Int8Linear, NativeLinear, NativeRMSNorm, rms_norm_reference
+
+# Linears with fewer output rows stay in their dtype under int8: a few KB each, and they are gates
+# (Qwen2-MoE's shared-expert gate has one row), whose outputs are not worth a rounding.
+INT8_MIN_ROWS = 8
 
 
 def _swap_children(model: nn.Module, replace) -> int:
@@ -37,6 +45,15 @@ def use_native_dense(model: nn.Module) -> int:
     """Swap every ``nn.Linear`` of ``model`` (on the CPU) for ``NativeLinear``; returns how many."""
     return _swap_children(model, lambda child: NativeLinear.from_linear(child)
                           if type(child) is nn.Linear and child.weight.device.type == "cpu" else None)
+
+
+def use_int8_dense(model: nn.Module) -> int:
+    """Swap every ``nn.Linear`` of ``model`` (on the CPU) with at least ``INT8_MIN_ROWS`` output rows
+    for ``Int8Linear``; returns how many. Tied weights are not touched: the LM head gets its own
+    int8 copy and the embedding keeps the original."""
+    return _swap_children(model, lambda child: Int8Linear.from_linear(child)
+                          if type(child) is nn.Linear and child.weight.device.type == "cpu"
+                          and child.out_features >= INT8_MIN_ROWS else None)
 
 
 def _norm_eps(module: nn.Module) -> float | None:
@@ -93,12 +110,14 @@ def use_native_norms(model: nn.Module) -> int:
 
 
 def dense_bytes(model: nn.Module) -> int:
-    """Bytes of dense weights one decode token reads: every parameter but the embedding table."""
+    """Bytes of dense weights one decode token reads: every parameter and int8 weight buffer but the
+    embedding table (which one token reads a row of)."""
     embeds = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_ids = {id(p) for p in lm_head.parameters()} if lm_head is not None else set()
+    int8 = [t for m in model.modules() if isinstance(m, Int8Linear) for t in (m.qweight, m.scales)]
     seen, total = set(), 0
-    for p in model.parameters():
+    for p in [*model.parameters(), *int8]:
         if id(p) in seen or (id(p) in embeds and id(p) not in head_ids):
             continue
         seen.add(id(p))
@@ -106,4 +125,4 @@ def dense_bytes(model: nn.Module) -> int:
     return total
 
 
-__all__ = ["dense_bytes", "rms_norm_mode", "use_native_dense", "use_native_norms"]
+__all__ = ["INT8_MIN_ROWS", "dense_bytes", "rms_norm_mode", "use_int8_dense", "use_native_dense", "use_native_norms"]

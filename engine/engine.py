@@ -26,7 +26,7 @@ from cache.base import is_offline_only
 from cuda_ext import cpu_kernel_status, native_cpu, native_status, select_expert_ffn
 from engine.build import LinkFactory, build_policy, build_runtime
 from engine.config import EngineConfig
-from engine.dense import use_native_dense, use_native_norms
+from engine.dense import use_int8_dense, use_native_dense, use_native_norms
 from engine.errors import BudgetError, MoepagerError
 from engine.generation import BatchGenerator, SamplingParams
 from engine.loader import load_model, resolve_device, resolve_model_path
@@ -85,6 +85,9 @@ class Engine:
         self.device = resolve_device(config.device)
         if config.emulate_link_gbps is not None and self.device.type != "cpu":
             raise MoepagerError("--emulate-link-gbps is for the CPU device only")
+        if config.dense_dtype == "int8" and self.device.type != "cpu":
+            raise MoepagerError(f"--dense-dtype int8 is built for the CPU device only, not {self.device.type}; "
+                                "use --dense-dtype auto")
         if is_offline_only(config.cache_policy):
             raise MoepagerError(f"--cache-policy {config.cache_policy} needs the future: simulator only")
         path = resolve_model_path(config.model)
@@ -127,13 +130,14 @@ class Engine:
         self.model.set_experts_implementation(_IMPL_NAME)
         # The dense path on the CPU takes the native linear kernel too (built once, just above).
         native_host = self.device.type == "cpu" and native_cpu.available()
+        self.int8_dense = use_int8_dense(self.model) if config.dense_dtype == "int8" else 0
         self.native_dense = use_native_dense(self.model) if native_host else 0
         self.native_norms = use_native_norms(self.model) if native_host else 0
         if config.progress:
             k = self.kernels()
             print(f"moepager: expert pages {k['expert_pages']}, experts computed by {k['expert_compute']}, "
-                  f"CPU kernels {k['moe_ffn']} (CPU ISA {k['cpu_isa']}), {self.native_dense} dense layers and "
-                  f"{self.native_norms} norms native",
+                  f"CPU kernels {k['moe_ffn']} (CPU ISA {k['cpu_isa']}), {self.native_dense} dense layers, "
+                  f"{self.int8_dense} int8 dense layers and {self.native_norms} norms native",
                   file=sys.stderr, flush=True)
         self._seq_ids = itertools.count()  # sequence ids unique over the engine's life (traces need it)
         self.last_tokens_per_second = 0.0
@@ -147,7 +151,8 @@ class Engine:
         return {**cpu_kernel_status(), "expert_pages": pages,
                 "expert_compute": type(self.runtime.compute).__name__,
                 "host_expert_compute": type(self.runtime.host_compute).__name__,
-                "dense_native_layers": self.native_dense, "norm_native_layers": self.native_norms,
+                "dense_native_layers": self.native_dense, "dense_int8_layers": self.int8_dense,
+                "norm_native_layers": self.native_norms,
                 "cuda_expert_ffn": native_status()}
 
     @classmethod

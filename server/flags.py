@@ -6,7 +6,7 @@ import argparse
 import math
 
 from cache.base import policy_names
-from engine.config import DEVICES, DTYPES, EXPERT_DTYPES, SCOPES, EngineConfig
+from engine.config import DENSE_DTYPES, DEVICES, DTYPES, EXPERT_DTYPES, SCOPES, EngineConfig
 from prefetch.base import predictor_names
 
 
@@ -96,6 +96,9 @@ def add_engine_flags(p: argparse.ArgumentParser, *, serving: bool = False) -> No
     p.add_argument("--expert-dtype", default="auto", choices=EXPERT_DTYPES,
                    help="host page format of routed experts: auto (the compute dtype), bf16, fp16, fp32, or int8 / "
                         "int4 quantized once at load and cached on disk")
+    p.add_argument("--dense-dtype", default="auto", choices=DENSE_DTYPES,
+                   help="dense linears (attention, shared experts, dense MLPs, LM head; not routers): auto keeps "
+                        "them as loaded, int8 quantizes them per output row at load (CPU device only)")
     p.add_argument("--int4-group-size", type=_positive_int, default=None,
                    help="inputs per int4 scale (default: the largest of 128, 64, 32 that divides the expert shapes)")
     p.add_argument("--quant-cache-dir", default=None,
@@ -175,6 +178,7 @@ def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConf
         "emulate_link_latency_us": args.emulate_link_latency_us,
         "cpu_compute": getattr(args, "cpu_compute", "never"),
         "expert_dtype": args.expert_dtype,
+        "dense_dtype": args.dense_dtype,
         "int4_group_size": args.int4_group_size,
         "quant_cache_dir": args.quant_cache_dir,
     }

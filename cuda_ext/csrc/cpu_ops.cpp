@@ -360,6 +360,45 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optio
   return out.to(x.scalar_type());
 }
 
+// y = x @ (w * scales[:, None]).T (+ bias) for int8 w [out, in] with one scale per output row
+// (cuda_ext/cpu.py linear_int8_reference is the ground truth). Small T runs the int8 row kernel on
+// int16-quantized x (one scale per token, as moe_ffn's int8 pages); larger T dequantizes to fp32
+// for oneDNN's GEMM.
+at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                           const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar, "linear_int8: w must be int8 [out, in], got ",
+              w.scalar_type(), " ", w.sizes());
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == w.size(0), "linear_int8: scales must be [", w.size(0),
+              "], got ", scales.sizes());
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1), "linear_int8: x must be [T, ", w.size(1), "], got ", x.sizes());
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == w.size(0)),
+              "linear_int8: bias must be [", w.size(0), "]");
+  const KernelTable* kt = table();
+  const at::Tensor sf = scales.to(at::kFloat).contiguous();
+  const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const int64_t T = x.size(0), IN = w.size(1), OUT = w.size(0);
+  if (kt == nullptr || T > kLinearMaxTokens || !w.is_contiguous()) {
+    c10::optional<at::Tensor> b;
+    if (bias.has_value()) b = bf;
+    return at::linear(x.to(at::kFloat), w.to(at::kFloat) * sf.unsqueeze(1), b).to(x.scalar_type());
+  }
+  at::Tensor out = at::zeros({T, OUT}, x.options().dtype(at::kFloat));
+  if (T == 0) return out.to(x.scalar_type());
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor xq, xs;
+  std::tie(xq, xs) = quantize(xf, kt, false);
+  TileArgs a{};
+  a.w = static_cast<const uint8_t*>(w.data_ptr()); a.w_row_bytes = IN;
+  a.kind = kI8; a.K = IN; a.group = 0;
+  a.scales = sf.data_ptr<float>(); a.sdtype = kS32;
+  a.bias = bias.has_value() ? bf.data_ptr<float>() : nullptr;
+  a.x = xf.data_ptr<float>(); a.xq = xq.data_ptr<int16_t>(); a.xs = xs.data_ptr<float>();
+  a.n = T; a.out = out.data_ptr<float>(); a.ldo = OUT;
+  std::vector<TileArgs> jobs{a};
+  run_rows(kt, jobs, OUT);
+  return out.to(x.scalar_type());
+}
+
 // RMSNorm over the last dim, in fp32, with the modules' roundings (cuda_ext/cpu.py
 // rms_norm_reference is the ground truth): mode 0 (Llama-style) rounds the normalised row to x's
 // dtype, then multiplies by the weight in the promoted dtype; mode 1 (GPT-OSS) multiplies in fp32
@@ -468,6 +507,7 @@ std::string detected_isa() {
 TORCH_LIBRARY_IMPL(moepager, CPU, m) {
   m.impl("moe_ffn", &moepager_cpu::moe_ffn_cpu);
   m.impl("linear", &moepager_cpu::linear_cpu);
+  m.impl("linear_int8", &moepager_cpu::linear_int8_cpu);
   m.impl("rms_norm", &moepager_cpu::rms_norm_cpu);
 }
 

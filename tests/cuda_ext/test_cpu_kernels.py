@@ -22,10 +22,13 @@ from torch import nn
 
 import cuda_ext
 from cuda_ext import (
+    Int8Linear,
     NativeLinear,
     NativeRMSNorm,
     PageFormat,
     linear,
+    linear_int8,
+    linear_int8_reference,
     linear_reference,
     moe_ffn,
     moe_ffn_reference,
@@ -268,6 +271,66 @@ def test_native_linear_shares_parameters(native):
     y = nl(torch.randn(2, 48).to(torch.bfloat16))
     y.float().sum().backward()
     assert lin.weight.grad is not None
+
+
+# -- linear_int8 ---------------------------------------------------------------------------
+def _int8_linear(out_features: int, in_features: int, seed: int, bias: bool) -> Int8Linear:
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():  # rows of different scales, as real projections have
+        lin.weight.copy_(torch.randn(out_features, in_features, generator=g) / in_features**0.5
+                         * torch.exp(torch.randn(out_features, 1, generator=g) / 2))
+        if bias:
+            lin.bias.copy_(torch.randn(out_features, generator=g))
+    return Int8Linear.from_linear(lin.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("out_features,in_features", [(64, 48), (37, 50), (1024, 1024), (96, 2144)])
+def test_linear_int8_matches_reference(native, out_features, in_features, T):
+    """Every ISA, bf16 and fp32 x, with and without bias: within 1 % of the output scale (the int16
+    rounding of x and the output's own dtype are the only differences from the fp32 reference)."""
+    for isa in _isas():
+        native_cpu.set_isa(isa)
+        for bias in (True, False):
+            m = _int8_linear(out_features, in_features, T + out_features, bias)
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(T, in_features, generator=torch.Generator().manual_seed(T)).to(dtype)
+                got = linear_int8(x, m.qweight, m.scales, m.bias)
+                want = linear_int8_reference(x, m.qweight, m.scales, m.bias)
+                assert got.shape == (T, out_features) and got.dtype == dtype
+                scale = want.float().abs().max()
+                assert (got.float() - want.float()).abs().max() <= 1e-2 * scale, (isa, bias, dtype)
+    native_cpu.set_isa(native)
+
+
+def test_int8_linear_error_bound_and_module(native):
+    """Quantization stays within half a row's scale; the module agrees with the bf16 Linear it replaced
+    within that bound's effect, keeps the bias Parameter, and holds int8 weights (half the bytes)."""
+    lin = nn.Linear(96, 80).to(torch.bfloat16)
+    m = Int8Linear.from_linear(lin)
+    assert m.qweight.dtype == torch.int8 and m.bias is lin.bias and m.scales.dtype == torch.float32
+    deq = m.qweight.float() * m.scales[:, None]
+    err = (deq - lin.weight.float()).abs().amax(dim=1)
+    assert bool((err <= m.error_bound() * (1 + 1e-6)).all()) and bool((err > 0).any())
+    x = torch.randn(2, 3, 96).to(torch.bfloat16)
+    with torch.inference_mode():
+        got, want = m(x), lin(x)
+    assert got.shape == (2, 3, 80)
+    assert (got.float() - want.float()).abs().max() <= 3e-2 * want.float().abs().max()
+
+
+def test_linear_int8_opcheck_and_errors(native):
+    m = _int8_linear(24, 40, 0, True)
+    torch.library.opcheck(torch.ops.moepager.linear_int8.default, (torch.randn(3, 40), m.qweight, m.scales, m.bias.detach()))
+    torch.library.opcheck(torch.ops.moepager.linear_int8.default,
+                          (torch.randn(2, 40).bfloat16(), m.qweight, m.scales, None))
+    with pytest.raises(RuntimeError, match="w must be int8"):
+        linear_int8(torch.randn(2, 40), m.qweight.float(), m.scales)
+    with pytest.raises(RuntimeError, match="scales must be"):
+        linear_int8(torch.randn(2, 40), m.qweight, m.scales[:5])
+    with pytest.raises(RuntimeError, match="x must be"):
+        linear_int8(torch.randn(2, 41), m.qweight, m.scales)
 
 
 # -- rms_norm ------------------------------------------------------------------------------

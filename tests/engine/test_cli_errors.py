@@ -78,6 +78,11 @@ def test_unknown_expert_dtype():
     _assert_one_line_error(rc, err, "--expert-dtype", "int3")
 
 
+def test_unknown_dense_dtype():
+    rc, _, err = _run("--dense-dtype", "int4", "--prompt-ids", "1,2")
+    _assert_one_line_error(rc, err, "--dense-dtype", "int4")
+
+
 def test_int4_group_size_that_does_not_divide(tmp_path):
     # The embedded model: hidden 256, expert intermediate 96; 48 is no multiple of 32 and 128 does not divide 96.
     rc, _, err = _run("--expert-dtype", "int4", "--int4-group-size", "48", "--quant-cache-dir", str(tmp_path),
