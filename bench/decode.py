@@ -17,6 +17,8 @@ index), then runs each configuration in its own process so peak RSS is its own:
 Besides decode tokens/s it reports the bytes each token reads (routed experts actually used
 plus every dense weight but the embedding rows) and the effective read bandwidth, against
 the machine's read bandwidth measured in the same run. Prints a table and writes JSON (``--out``).
+Every case runs with the same OpenMP spin setting (``--omp-spin``); ``--busy N`` keeps N
+busy-looping processes running beside each case, as on a machine that is not idle.
 
     python -m bench.decode --out bench/decode.json            # full size (needs ~20 GB RAM)
     python -m bench.decode --small --out /tmp/decode.json      # quick check
@@ -36,6 +38,7 @@ from pathlib import Path
 import torch
 
 from cuda_ext import native_cpu
+from engine import OMP_SPIN_DEFAULT
 
 SHAPES = {
     "olmoe": {"hidden_size": 1024, "num_hidden_layers": 16, "num_experts": 64, "num_experts_per_tok": 8,
@@ -229,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated: load, hf, ref, all (alias bf16), int8, int4, int8-dense, p25")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run each case this many times, alternating, and keep the fastest (shared machines)")
+    ap.add_argument("--omp-spin", default="short", choices=("short", "libgomp"),
+                    help=f"OpenMP idle spin for every case alike: short (GOMP_SPINCOUNT={OMP_SPIN_DEFAULT}, what "
+                         "the moepager command sets) or libgomp's own default")
+    ap.add_argument("--busy", type=int, default=0,
+                    help="run this many busy-looping background processes (nice 19) during every case")
     ap.add_argument("--out", default=None)
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # child process
     args = ap.parse_args(argv)
@@ -244,10 +252,20 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "bench.decode", "--case", case, "--model-dir", str(model_dir),
                "--tokens", str(args.tokens), "--prompt-len", str(args.prompt_len), "--dtype", args.dtype]
         print(f"running {case} ...", file=sys.stderr, flush=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+        env["PYTHONUNBUFFERED"] = "1"
+        if args.omp_spin == "short":
+            env["GOMP_SPINCOUNT"] = OMP_SPIN_DEFAULT
         if case == "ref":
             env["MOEPAGER_NATIVE"] = "0"  # the plain-torch kernels: the engine before its native CPU path
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+        busy = [subprocess.Popen(["nice", "-n", "19", sys.executable, "-c", "while True: pass"])
+                for _ in range(args.busy)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+        finally:
+            for b in busy:
+                b.kill()
+                b.wait()
         if proc.returncode != 0:
             print(proc.stderr[-2000:], file=sys.stderr)
             raise SystemExit(f"case {case} failed")
@@ -280,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r.get('stall_seconds_per_token', float('nan')) * 1e3:>13.2f}")
     report = {"read_bandwidth_GBps": bandwidth, "cpu": _cpu_description(),"shape": SHAPES[shape_name], "dtype": args.dtype, "tokens": args.tokens, "prompt_len": args.prompt_len,
                   "results": results, "machine": os.uname().nodename, "cpus": os.cpu_count(),
-                  "date": time.strftime("%Y-%m-%d"), "command": "python -m bench.decode " + " ".join(sys.argv[1:])}
+                  "date": time.strftime("%Y-%m-%d"), "omp_spin": args.omp_spin, "busy_processes": args.busy, "command": "python -m bench.decode " + " ".join(sys.argv[1:])}
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
     return 0
