@@ -1,6 +1,7 @@
 """Prefetch predictors in the timed simulator: stall per token, tokens/s and prefetch outcomes.
 
-    python -m bench.prefetch_table TRAIN_TRACE OTHER_TRACE [--holdout 0.2] [--predictor-out PRED] [--out prefetch.json]
+    python -m bench.prefetch_table TRAIN_TRACE [OTHER_TRACE] [--holdout 0.2] [--predictor-out PRED] [--out prefetch.json]
+        [--predictors none,learned,oracle]
 
 Setup: 25 % of each layer's experts in slots (the policy given, lru by default), one
 host link of ``--link-gbps`` (25 GB/s, PCIe 4 effective) moving OLMoE-sized experts
@@ -10,7 +11,7 @@ MoE layer: one copy costs five layers of compute) and compute-rich (2000 us per 
 Predictors: none, prev, freq, eam, learned, oracle (``pregate`` needs the live routers:
 see bench/prefetch_live.py). ``learned`` is trained here on the first ``1 - holdout`` of
 TRAIN_TRACE's requests (lookahead = the largest one tried) and every predictor is scored on
-data it never trained on: the held-out requests of TRAIN_TRACE and all of OTHER_TRACE.
+data it never trained on: the held-out requests of TRAIN_TRACE and all of OTHER_TRACE (if given).
 
 Each predictor runs at every lookahead and prefetch budget (in experts in flight; the
 default, as in the engine, is top_k experts per predicted layer: top_k x lookahead).
@@ -65,13 +66,15 @@ def train_predictor(trace: Trace, holdout: float, lookahead: int, out: str, epoc
 
 def sweep(evals: dict[str, Trace], *, predictor_path: str, lookaheads: list[int], budgets: list[int | None],
           policy: str, fraction: float, link_gbps: float, expert_bytes: int, latency_us: float,
-          per_token: bool = True) -> list[dict]:
+          per_token: bool = True, predictors: tuple[str, ...] = PREDICTORS) -> list[dict]:
+    if "none" not in predictors:
+        raise ValueError("the predictors must include none (the oracle share is measured against it)")
     rows = []
     for eval_name, trace in evals.items():
         schedule = build_schedule(trace, per_token=per_token)
         caps, scope = capacities_for(trace, capacity_fraction=fraction)
         for point, compute_us in POINTS.items():
-            for pred in PREDICTORS:
+            for pred in predictors:
                 configs = [(1, None)] if pred == "none" else [(d, b) for d in lookaheads for b in budgets]
                 for d, budget in configs:
                     cfg = SimConfig(policy=policy, capacities=tuple(caps), scope=scope, prefetch=pred,
@@ -148,7 +151,8 @@ def print_table(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("train_trace", metavar="TRAIN_TRACE", help="learned trains on its first requests")
-    p.add_argument("other_trace", metavar="OTHER_TRACE", help="a trace the predictor never saw")
+    p.add_argument("other_trace", metavar="OTHER_TRACE", nargs="?", default=None,
+                   help="a trace the predictor never saw (optional: a synthetic trace of another seed is another model)")
     p.add_argument("--holdout", type=float, default=0.2, help="last fraction of TRAIN_TRACE's requests held out")
     p.add_argument("--predictor-out", default="bench/results/learned_predictor.safetensors")
     p.add_argument("--epochs", type=int, default=5)
@@ -160,18 +164,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--link-latency-us", type=float, default=0.0)
     p.add_argument("--expert-bytes", type=int, default=12582912)
     p.add_argument("--replay", default="token", choices=("token", "step"))
+    p.add_argument("--predictors", default=",".join(PREDICTORS), help="comma-separated; must include none")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     lookaheads = [int(x) for x in args.lookaheads.split(",")]
     budgets = [None if b == "default" else int(b) for b in args.budgets.split(",")]
     t0 = time.perf_counter()
     train_trace = load_trace(args.train_trace, hidden=False)
-    other = load_trace(args.other_trace, hidden=False)
     held, info = train_predictor(train_trace, args.holdout, max(lookaheads), args.predictor_out, args.epochs)
     print(f"learned: trained on {info['rows']} rows ({info['requests']} requests) of {args.train_trace} "
           f"in {info['seconds']} s; scored on its {info['heldout_rows']} held-out rows "
-          f"({info['heldout_requests']} requests) and on {args.other_trace}")
-    evals = {f"{Path(args.train_trace).stem}[heldout]": take_rows(train_trace, held), Path(args.other_trace).stem: other}
+          f"({info['heldout_requests']} requests)" + (f" and on {args.other_trace}" if args.other_trace else ""))
+    evals = {f"{Path(args.train_trace).stem}[heldout]": take_rows(train_trace, held)}
+    if args.other_trace:
+        evals[Path(args.other_trace).stem] = load_trace(args.other_trace, hidden=False)
     copy_us = args.link_latency_us + args.expert_bytes / (args.link_gbps * 1e9) * 1e6
     print(f"policy {args.policy}, {args.capacity_fraction * 100:.0f}% capacity, link {args.link_gbps} GB/s, "
           f"expert {args.expert_bytes} B: {copy_us:.0f} us per copy; compute per layer "
@@ -179,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = sweep(evals, predictor_path=args.predictor_out, lookaheads=lookaheads, budgets=budgets,
                  policy=args.policy, fraction=args.capacity_fraction, link_gbps=args.link_gbps,
                  expert_bytes=args.expert_bytes, latency_us=args.link_latency_us,
-                 per_token=args.replay == "token")
+                 per_token=args.replay == "token", predictors=tuple(args.predictors.split(",")))
     errors = [r for r in rows if "error" in r]
     if errors:
         print(f"{len(errors)} configs failed, e.g. {errors[0]['predictor']} d={errors[0]['lookahead']}: "

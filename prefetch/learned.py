@@ -58,6 +58,11 @@ FORMAT = "moepager.predictor"
 FEATURES = "direct:cur[l],cur[l-1],prev[l+d],prev[l+d-1],bias;path:cur[<=l],cur[l],prev[*],hist[*]"
 DIRECT_ONLY = "cur[l],cur[l-1],prev[l+d],prev[l+d-1],bias"  # files written before the path part
 PATH_TABLES = ("path_cur", "path_last", "path_prev", "path_hist")
+# Guesses per routed expert and target layer. More than one: the runners-up after the top K still
+# carry much of the probability (on the embedded model's traces the top 4 of 32 experts hold 70 % of
+# the next layer's, the top 8 89 %), and the planner weighs each guess against the link and the
+# slot it would take, so the longer list is copied only where the link has idle time.
+CANDIDATES = 2
 
 
 class LearnedModel(torch.nn.Module):
@@ -254,7 +259,8 @@ def previous_rows(experts: np.ndarray, request: np.ndarray, phase: np.ndarray | 
 @register_predictor("learned")
 class LearnedPredictor:
     def __init__(self, *, num_layers: int | None = None, num_experts: int | None = None, top_k: int | None = None,
-                 lookahead: int = 1, path: str | None = None, model: LearnedModel | None = None, **kwargs) -> None:
+                 lookahead: int = 1, path: str | None = None, model: LearnedModel | None = None,
+                 candidates: int = CANDIDATES, **kwargs) -> None:
         if model is None:
             if path is None:
                 raise ValueError("the learned predictor needs a trained file (--predictor-path PRED.safetensors; "
@@ -269,6 +275,9 @@ class LearnedPredictor:
         self.model = model
         self.num_layers, self.num_experts, self.top_k = model.num_layers, model.num_experts, model.top_k
         self.lookahead, self.history, self.width = int(lookahead), model.history, model.width
+        if candidates < 1:
+            raise ValueError(f"candidates must be >= 1 (guesses per routed expert and target layer), got {candidates}")
+        self.candidates = int(candidates)
         # The per-layer path runs in numpy on views of the model's weights: tens of microseconds per
         # layer at T=1, where torch's per-op overhead would dominate.
         L, W = self.num_layers, self.width
@@ -382,5 +391,5 @@ class LearnedPredictor:
         p_any = p[0] if tokens == 1 else 1.0 - np.prod(1.0 - p, axis=0)  # some token of the step uses it
         out: list[tuple[ExpertKey, float]] = []
         for i, target in enumerate(targets):
-            out += scored_top(target, i + 1, p_any[i], self.top_k * tokens)
+            out += scored_top(target, i + 1, p_any[i], self.candidates * self.top_k * tokens)
         return out

@@ -32,6 +32,15 @@ units of one copy's time, a candidate with chance ``p`` of being used is worth
 All four are running averages over plain counters, updated in O(1) per event, so
 with a predictor that guesses badly or a link that is already the bottleneck the
 planner stops copying, and with compute to spare it copies whatever is likely.
+Candidates go best first, so where the link has idle time a predictor that lists
+more than K guesses per layer gets its runners-up copied too.
+
+What a prefetch may displace: an expert the prediction does not name, else one it
+rates below the expert being placed; never one rated at least as likely, a copy
+whose step is still to come, or one in flight. A landed copy whose layer then ran
+without using it was a wrong guess for that step: it stays resident (a later
+token may still use it: useful) but is no longer protected, so wrong guesses do
+not pile up in a scope and leave the next plans no slot to copy into.
 
 Outcomes, counted once per issued prefetch:
 - useful: the expert was used after its copy had finished;
@@ -69,7 +78,8 @@ class PrefetchPlanner:
         self.expert_bytes = int(expert_bytes)
         self.budget_bytes = int(budget_bytes)
         self.in_flight: set[ExpertKey] = set()  # issued, copy not finished
-        self.landed: set[ExpertKey] = set()  # copy finished, not used yet
+        self.landed: set[ExpertKey] = set()  # copy finished, not used yet, its step still to come
+        self.idle: set[ExpertKey] = set()  # copy finished, its layer ran without it: resident, unprotected
         self.outcomes = PrefetchOutcomes()
         self.gate = bool(gate)
         self._rate = float(rate)  # weight of the newest sample in each running average
@@ -139,10 +149,12 @@ class PrefetchPlanner:
             scope = cache.scope_of(k.layer)
             in_flight_per_scope[scope] = in_flight_per_scope.get(scope, 0) + 1
         ranked = sorted(predictions, key=lambda p: -p[1])
-        # Everything the prediction expects to use is protected: a prefetch must not evict an
-        # expert (resident or landing) that the same prediction says is needed.
+        # A prefetch evicts an expert the prediction does not name if it can; failing that, one the
+        # prediction rates below the expert being placed. Never one rated at least as likely.
         wanted = {k for k, _ in ranked}
+        above: set[ExpertKey] = set()  # the candidates ranked up to the current one
         for key, score in ranked:
+            above.add(key)
             if budget_left < self.expert_bytes:
                 break
             if key in needed_now or cache.is_resident(key):
@@ -158,6 +170,8 @@ class PrefetchPlanner:
                     continue  # the 1st, 2nd, 4th, 8th, ... rejected candidate is copied all the same
             protected = set(needed_now) | self.in_flight | self.landed | wanted
             placed = cache.insert(key, protected)
+            if placed is None and len(above) < len(wanted):
+                placed = cache.insert(key, set(needed_now) | self.in_flight | self.landed | above)
             if placed is None:
                 continue  # every resident expert of that scope is protected
             slot, evicted = placed
@@ -185,8 +199,9 @@ class PrefetchPlanner:
 
     def on_access(self, key: ExpertKey) -> None:
         """The engine/simulator needs ``key`` now (call before waiting on its copy)."""
-        if key in self.landed:
+        if key in self.landed or key in self.idle:
             self.landed.discard(key)
+            self.idle.discard(key)
             self.outcomes.useful += 1
             self._resolve(key, True, None)
             self._sample("gain", 1.0)
@@ -217,7 +232,9 @@ class PrefetchPlanner:
             self._charged[copies[0]] += 1
 
     def on_evict(self, key: ExpertKey) -> None:
-        if self._scope_of is not None:
+        # An unused copy leaving is no eviction a cache without copies would have made: it neither enters
+        # the ghost list nor pushes the experts evicted before it out of the unused copies' window.
+        if self._scope_of is not None and key not in self.landed and key not in self.idle:
             scope = self._scope_of(key.layer)
             n = self._evictions[scope] = self._evictions.get(scope, 0) + 1
             self._ghost[key] = n
@@ -225,8 +242,9 @@ class PrefetchPlanner:
                 cutoff = {s: c - 64 for s, c in self._evictions.items()}
                 self._ghost = {k: v for k, v in self._ghost.items() if v > cutoff[self._scope_of(k.layer)]}
                 self._ghost_limit = 2 * len(self._ghost) + 4096  # amortised O(1) per eviction
-        if key in self.landed:
+        if key in self.landed or key in self.idle:
             self.landed.discard(key)
+            self.idle.discard(key)
             self.outcomes.wasted += 1
             self._resolve(key, False, None)
 
@@ -236,8 +254,13 @@ class PrefetchPlanner:
         Call after :meth:`on_access` for every expert of ``layer``: whatever is
         still tracked for that layer was a wrong guess for this step. Copies still
         in flight are returned so the caller can cancel them (and free their slot);
-        landed ones stay resident and may still be used later (or get evicted: wasted).
+        landed ones stay resident and may still be used later (or get evicted: wasted),
+        but are no longer protected from later prefetches: their step is over.
         """
+        done = [k for k in self.landed if k.layer == layer]
+        for k in done:
+            self.landed.discard(k)
+            self.idle.add(k)
         return [k for k in self.in_flight if k.layer == layer]
 
     def on_cancel(self, key: ExpertKey) -> None:

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from prefetch import build_predictor
-from prefetch.learned import DIRECT_ONLY, LearnedModel, history_rows
+from prefetch.learned import CANDIDATES, DIRECT_ONLY, LearnedModel, history_rows
 from prefetch.training import evaluate, holdout_split, train_learned
 from tests.prefetch.synthetic import path_routing, synthetic_routing
 
@@ -91,8 +91,11 @@ def test_live_predict_agrees_with_predict_array(model):
                     if layer + d > 5:
                         continue
                     guess, prob = arrays[d][0][step[0], layer], arrays[d][1][step[0], layer]
-                    assert [e for (t, e) in got if t == layer + d] == guess.tolist()
+                    # Live lists CANDIDATES x K guesses per target, best first: the first K are predict_array's.
+                    listed = [e for (t, e) in got if t == layer + d]
+                    assert len(listed) == CANDIDATES * 2 and listed[:2] == guess.tolist()
                     assert [got[(layer + d, int(e))] for e in guess] == pytest.approx(prob.tolist(), rel=1e-4)
+                    assert min(prob) >= max(got[(layer + d, e)] for e in listed[2:])
 
 
 def test_direct_only_files_still_load_and_unknown_features_ask_to_retrain(model, tmp_path):

@@ -9,7 +9,7 @@ import torch
 from cache import ExpertKey
 from prefetch import build_predictor, predictor_names
 from prefetch.base import is_offline_only
-from prefetch.learned import LearnedModel, previous_rows
+from prefetch.learned import CANDIDATES, LearnedModel, previous_rows
 from prefetch.training import compare, evaluate, freq_baseline, holdout_split, prev_baseline, train_learned
 from tests.prefetch.synthetic import synthetic_routing
 
@@ -172,4 +172,8 @@ def test_learned_with_hidden_states_trains_and_predicts():
     p = build_predictor("learned", num_layers=4, num_experts=8, lookahead=1, model=model)
     p.reset()
     p.observe(0, torch.from_numpy(hidden[:2, 0]), torch.from_numpy(experts[:2, 0].astype(np.int64)))
-    assert 0 < len(p.predict(0)) <= 2 * 2
+    assert 0 < len(p.predict(0)) <= CANDIDATES * 2 * 2  # guesses per routed expert x top_k x tokens
+    narrow = build_predictor("learned", num_layers=4, num_experts=8, lookahead=1, model=model, candidates=1)
+    narrow.reset()
+    narrow.observe(0, torch.from_numpy(hidden[:2, 0]), torch.from_numpy(experts[:2, 0].astype(np.int64)))
+    assert 0 < len(narrow.predict(0)) <= 2 * 2
