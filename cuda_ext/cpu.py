@@ -226,16 +226,23 @@ class Int8Linear(nn.Module):
         self.bias = bias
 
     @classmethod
-    def from_linear(cls, lin: nn.Module) -> Int8Linear:
+    def from_linear(cls, lin: nn.Module, chunk_rows: int = 4096) -> Int8Linear:
+        """Quantize ``lin``'s weight a block of rows at a time (an LM head's fp32 copy would be GBs)."""
+        w = lin.weight.detach()
+        q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+        s = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
         with torch.no_grad():
-            q, s = quantize_int8(lin.weight.detach(), torch.float32)
-        return cls(q.contiguous(), s.contiguous(), lin.bias)
+            for r in range(0, w.shape[0], chunk_rows):
+                q[r : r + chunk_rows], s[r : r + chunk_rows] = quantize_int8(w[r : r + chunk_rows], torch.float32)
+        return cls(q, s, lin.bias)
 
     def error_bound(self) -> torch.Tensor:
         """The largest |w - dequantized w| of each output row: half its scale."""
         return self.scales / 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            return linear_int8_reference(x, self.qweight, self.scales, self.bias)  # the op has no backward
         return linear_int8(x, self.qweight, self.scales, self.bias)
 
     def extra_repr(self) -> str:

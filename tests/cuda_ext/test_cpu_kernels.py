@@ -318,6 +318,11 @@ def test_int8_linear_error_bound_and_module(native):
         got, want = m(x), lin(x)
     assert got.shape == (2, 3, 80)
     assert (got.float() - want.float()).abs().max() <= 3e-2 * want.float().abs().max()
+    y = m(torch.randn(2, 96).to(torch.bfloat16))  # grad enabled: the differentiable reference serves
+    y.float().sum().backward()
+    assert lin.bias.grad is not None
+    chunked = Int8Linear.from_linear(lin, chunk_rows=7)  # quantized a few rows at a time: the same codes
+    assert torch.equal(chunked.qweight, m.qweight) and torch.equal(chunked.scales, m.scales)
 
 
 def test_linear_int8_opcheck_and_errors(native):
