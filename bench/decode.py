@@ -159,8 +159,8 @@ def run_case(case: str, path: str, tokens: int, prompt_len: int, dtype: str) -> 
     kwargs = {"device": "cpu", "dtype": dtype, "progress": False, "quant_cache_dir": f"{path}-page-cache"}
     if case in CASE_EXPERT_DTYPE:
         kwargs["expert_dtype"] = CASE_EXPERT_DTYPE[case]
-    if case == "int8-dense":
-        kwargs["dense_dtype"] = "int8"
+        if case == "int8-dense":
+            kwargs["dense_dtype"] = "int8"
     elif case == "p25":
         kwargs.update(expert_slots=None, emulate_link_gbps=25.0, emulate_link_latency_us=10.0)
     elif case == "load":

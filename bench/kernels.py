@@ -11,7 +11,8 @@ at least ``--span-gb``. The read bandwidth is the faster of a torch int64 sum an
 buffer, over the same threads.
 Methods: torch bf16 / fp32 (a loop over experts as transformers runs it),
 oneDNN prepacked bf16 (``mkldnn._linear_pointwise``), and the native kernels on
-bf16, int8 and int4 pages (``cuda_ext.moe_ffn`` / ``cuda_ext.linear``).
+bf16, int8 and int4 pages (``cuda_ext.moe_ffn`` / ``cuda_ext.linear``), and int8 dense weights
+(``cuda_ext.linear_int8``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from cuda_ext import PageFormat, linear, moe_ffn, native_cpu
+from cuda_ext import PageFormat, linear, linear_int8, moe_ffn, native_cpu
+from cuda_ext.pages import quantize_int8
 
 H, I, E, TOP_K = 1024, 1024, 64, 8
 GiB = 2**30
@@ -140,11 +142,22 @@ def dense_methods(T: int, out_features: int, span: float):
                 return F.linear(xd, ws[i % copies])
         return call, lambda i: out_features * H * es
 
+    def make_int8():  # --dense-dtype int8: int8 rows and fp32 scales, bf16 x
+        copies = max(2, math.ceil(span * 1e9 / (out_features * H)))
+        qs = [quantize_int8(torch.randn(out_features, H, generator=g), torch.float32) for _ in range(copies)]
+        xb = x.to(torch.bfloat16)
+
+        def call(i):
+            q, s = qs[i % copies]
+            return linear_int8(xb, q, s)
+        return call, lambda i: out_features * (H + 4)
+
     methods = {"torch bf16": lambda: make(torch.bfloat16, "torch"), "torch fp32": lambda: make(torch.float32, "torch")}
     if hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available():
         methods["oneDNN bf16 prepacked"] = lambda: make(torch.bfloat16, "onednn")
     methods["native bf16"] = lambda: make(torch.bfloat16, "native")
     methods["native fp32"] = lambda: make(torch.float32, "native")
+    methods["native int8"] = lambda: make_int8()
     return methods
 
 

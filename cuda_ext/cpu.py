@@ -143,25 +143,25 @@ def moe_ffn(x: torch.Tensor, pages: torch.Tensor, rows: torch.Tensor, idx: torch
                                       fmt.group_size, act, float(alpha), float(limit))
 
 
+def _over_rows(op, x: torch.Tensor, w: torch.Tensor, *args) -> torch.Tensor:
+    """``op(x [N, in], w, *args)`` over x's leading dims flattened to rows; the first CPU call builds the kernels."""
+    if x.device.type == "cpu":
+        native_cpu.available()
+    lead = x.shape[:-1]
+    return op(x.reshape(-1, x.shape[-1]), w, *args).reshape(*lead, w.shape[0])
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ w.T (+ bias) for x [..., in], w [out, in]; native on CPU at small T, else torch."""
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)):
         return linear_reference(x, w, bias)  # the ops have no backward; keep training-time calls differentiable
-    if x.device.type == "cpu":
-        native_cpu.available()
-    lead = x.shape[:-1]
-    y = torch.ops.moepager.linear(x.reshape(-1, x.shape[-1]), w, bias)
-    return y.reshape(*lead, w.shape[0])
+    return _over_rows(torch.ops.moepager.linear, x, w, bias)
 
 
 def linear_int8(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
                 ) -> torch.Tensor:
     """y = x @ (w * scales[:, None]).T (+ bias) for int8 w [out, in]; native on CPU at small T."""
-    if x.device.type == "cpu":
-        native_cpu.available()
-    lead = x.shape[:-1]
-    y = torch.ops.moepager.linear_int8(x.reshape(-1, x.shape[-1]), w, scales, bias)
-    return y.reshape(*lead, w.shape[0])
+    return _over_rows(torch.ops.moepager.linear_int8, x, w, scales, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, mode: int) -> torch.Tensor:
