@@ -24,10 +24,9 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from engine.detok import IncrementalDetokenizer, StopStringHolder
-from engine.kv_rows import BatchKV, is_mergeable
+from engine.kv_rows import BatchKV, growing_cache, is_mergeable
 from engine.sampling import Sampled, SamplingParams, TokenConstraint, make_generator, sample, top_logprobs
 
 PREFILL, DECODE = 0, 1
@@ -246,7 +245,7 @@ class BatchGenerator:
         position = mask.cumsum(-1) - 1  # [B, S], -1 on padding
         request = torch.tensor([s.seq_id for s in seqs])[:, None].expand(-1, width)
         request = request.masked_fill(mask == 0, -1)  # [B, S]
-        cache = DynamicCache(config=self.model.config)
+        cache = growing_cache(self.model.config)
         kv = BatchKV(cache, mask.to(self.device))
         scored = [i for i, s in enumerate(seqs) if s.params.prompt_logprobs is not None and s.prompt_logprobs is None]
         logits = self._forward(input_ids, kv.mask, position, request, cache, PREFILL, all_positions=bool(scored))

@@ -15,6 +15,13 @@ Design
 - Only layer types whose whole state is ``keys``/``values`` (+ ``cumulative_length``) are
   handled; ``is_mergeable`` says so, and the generation loop falls back to re-prefilling the
   batch for anything else rather than risk wrong output.
+- Appending without copying the history: transformers' ``DynamicLayer`` concatenates every
+  step, so each decode token copies (and allocates anew) the whole cache of every layer, which
+  at a few thousand tokens of context costs more than the weights. ``GrowingLayer`` keeps
+  ``keys``/``values`` as the first positions of buffers with room to grow and writes new
+  positions in place; a buffer is reallocated (with ``GROWTH`` headroom) only when full, or
+  when something outside ``update`` replaced ``keys``/``values`` (row selection, merging,
+  trimming, ``crop``), so every cache operation above stays a plain tensor assignment.
 """
 
 from __future__ import annotations
@@ -24,8 +31,70 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+GROWTH = 8  # a reallocated buffer has room for 1/GROWTH more positions (at least GROWTH_MIN)
+GROWTH_MIN = 32
+
+
+class GrowingLayer(DynamicLayer):
+    """A full-attention ``DynamicLayer`` that appends in place (see the module docstring).
+
+    ``keys``/``values`` are ``[B, heads, n, dim]`` views of buffers ``[B, heads, capacity, dim]``;
+    the values are exactly those ``DynamicLayer`` would hold.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = self._append("keys", key_states)
+        self.values = self._append("values", value_states)
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        self._buffers = {}
+        super().reset()
+
+    def held_bytes(self) -> int:
+        """Bytes of the buffers (the positions in use plus the room to grow)."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def _append(self, name: str, new: torch.Tensor) -> torch.Tensor:
+        cur = getattr(self, name)
+        buf = self._buffers.get(name)
+        n = cur.shape[-2] if cur.dim() == new.dim() else 0  # an empty cache holds a 1-D placeholder
+        end = n + new.shape[-2]
+        if buf is None or not _prefix_of(cur, buf, n) or end > buf.shape[-2] or new.shape[:-2] != buf.shape[:-2]:
+            capacity = end + max(GROWTH_MIN, end // GROWTH)
+            grown = new.new_empty((*new.shape[:-2], capacity, new.shape[-1]))
+            if n:
+                grown[..., :n, :].copy_(cur)
+            self._buffers[name] = buf = grown
+        buf[..., n:end, :].copy_(new)
+        return buf[..., :end, :]
+
+
+def _prefix_of(t: torch.Tensor, buf: torch.Tensor, n: int) -> bool:
+    """Whether ``t`` is ``buf[..., :n, :]`` (so appending after position n keeps it intact)."""
+    if n == 0:
+        return True
+    return (t.data_ptr() == buf.data_ptr() and t.dtype == buf.dtype and t.device == buf.device
+            and t.shape[:-2] == buf.shape[:-2] and t.shape[-1] == buf.shape[-1] and t.stride() == buf.stride())
+
+
+def growing_cache(config) -> DynamicCache:
+    """``DynamicCache(config=config)`` whose full-attention layers append in place (:class:`GrowingLayer`)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
+        cache.layer_class_to_replicate = GrowingLayer
+    return cache
+
+
 # Exact types: subclasses (indexer caches, linear attention, quantized) carry more state.
-_MERGEABLE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
+_MERGEABLE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer, GrowingLayer)
 
 
 def is_mergeable(cache: DynamicCache) -> bool:
@@ -57,6 +126,9 @@ class BatchKV:
         """Bytes of every tensor the cache layers hold."""
         total = 0
         for layer in self.cache.layers:
+            if isinstance(layer, GrowingLayer) and layer.held_bytes():
+                total += layer.held_bytes()
+                continue
             for name in ("keys", "values"):
                 tensor = getattr(layer, name, None)
                 if isinstance(tensor, torch.Tensor):
