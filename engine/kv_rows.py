@@ -67,13 +67,18 @@ class GrowingLayer(DynamicLayer):
         n = cur.shape[-2] if cur.dim() == new.dim() else 0  # an empty cache holds a 1-D placeholder
         end = n + new.shape[-2]
         if buf is None or not _prefix_of(cur, buf, n) or end > buf.shape[-2] or new.shape[:-2] != buf.shape[:-2]:
-            capacity = end + max(GROWTH_MIN, end // GROWTH)
+            capacity = held_positions(end)
             grown = new.new_empty((*new.shape[:-2], capacity, new.shape[-1]))
             if n:
                 grown[..., :n, :].copy_(cur)
             self._buffers[name] = buf = grown
         buf[..., n:end, :].copy_(new)
         return buf[..., :end, :]
+
+
+def held_positions(n: int) -> int:
+    """The most positions a :class:`GrowingLayer` holding ``n`` positions has allocated."""
+    return n + max(GROWTH_MIN, n // GROWTH)
 
 
 def _prefix_of(t: torch.Tensor, buf: torch.Tensor, n: int) -> bool:

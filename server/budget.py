@@ -57,12 +57,14 @@ def kv_bytes_per_token(engine: Any) -> int:
 
 
 def default_kv_budget(bytes_per_token: int, max_num_seqs: int, max_model_len: int, free_bytes: int) -> int:
-    """``max_num_seqs`` full-length sequences, capped by a share of free memory; at least one."""
+    """``max_num_seqs`` full-length sequences (with the KV layers' room to grow), capped by a share
+    of free memory; at least one."""
     from engine.errors import BudgetError
+    from engine.kv_rows import held_positions
 
-    full = bytes_per_token * max_num_seqs * max_model_len
+    one = bytes_per_token * held_positions(max_model_len)
+    full = one * max_num_seqs
     budget = min(full, int(free_bytes * FREE_MEMORY_SHARE))
-    one = bytes_per_token * max_model_len
     if budget < one:
         raise BudgetError(f"one {max_model_len}-token sequence needs {one / 1e9:.2f} GB of KV cache and only "
                           f"{free_bytes / 1e9:.2f} GB is free; lower --max-model-len or the expert budget")

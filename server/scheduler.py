@@ -28,6 +28,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.kv_rows import held_positions
+
 log = logging.getLogger("moepager.scheduler")
 
 
@@ -138,7 +140,7 @@ class Scheduler:
         streams = []
         if self.kv_budget_bytes is not None:
             for _, prompt_ids, params in items:
-                need = (len(prompt_ids) + params.max_tokens) * self.kv_bytes_per_token
+                need = held_positions(len(prompt_ids) + params.max_tokens) * self.kv_bytes_per_token
                 if need > self.kv_budget_bytes:
                     raise KVBudgetError(
                         f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs "
@@ -231,7 +233,7 @@ class Scheduler:
     def _kv_reserved_bytes(self, extra: int | None = None) -> int:
         rows = len(self._reserved) + (extra is not None)
         longest = max([*self._reserved.values(), extra or 0], default=0)
-        return rows * longest * self.kv_bytes_per_token
+        return rows * held_positions(longest) * self.kv_bytes_per_token  # with the KV layers' room to grow
 
     def _admit(self) -> None:
         """Move waiting sequences into the generator while their KV reservation fits (FIFO)."""
