@@ -50,11 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     shape_name = "small" if args.small else "olmoe"
     dtype = torch.float32 if args.small else torch.bfloat16
     path = Path(args.model_dir or f"/tmp/moepager-bench-{shape_name}-{str(dtype).split('.')[-1]}")
-    build_checkpoint(path, SHAPES[shape_name], dtype)
     contexts = [int(c) for c in args.contexts.split(",")]
-    limit = SHAPES[shape_name].get("max_position_embeddings", 4096)
+    config = path / "config.json"
+    # an existing checkpoint's own limit, else that of the one build_checkpoint writes
+    limit = json.loads(config.read_text()).get("max_position_embeddings", 4096) if config.is_file() else 4096
     if max(contexts) + args.tokens > limit:
         ap.error(f"--contexts: {max(contexts)} + --tokens {args.tokens} exceeds the model's {limit} positions")
+    build_checkpoint(path, SHAPES[shape_name], dtype)
     growing = generation.growing_cache
     caches = {"in place": growing, "concatenate": lambda config: DynamicCache(config=config)}
     rows = []

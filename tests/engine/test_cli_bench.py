@@ -29,3 +29,27 @@ def test_bench_unknown_verb_is_a_usage_error(capsys):
         main(["bench", "nope"])
     assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_bench_long_context_runs_both_caches_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "long.json"
+    rc = main(["bench", "long-context", "--small", "--model-dir", str(tmp_path / "model"), "--contexts", "8,200",
+               "--tokens", "4", "--repeat", "1", "--out", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["context"] for r in rows] == [8, 200]
+    for r in rows:
+        assert r["in_place_ms_per_token"] > 0 and r["concatenate_ms_per_token"] > 0
+        assert r["speedup"] == r["concatenate_ms_per_token"] / r["in_place_ms_per_token"]
+    # the benchmark puts the engine's own cache factory back when it is done
+    from engine import generation
+    from engine.kv_rows import growing_cache
+
+    assert generation.growing_cache is growing_cache
+
+
+def test_bench_long_context_rejects_contexts_past_the_model(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "long-context", "--small", "--model-dir", str(tmp_path / "model"), "--contexts", "5000"])
+    assert exc.value.code == 2
+    assert "--contexts" in capsys.readouterr().err
