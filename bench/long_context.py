@@ -50,7 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     shape_name = "small" if args.small else "olmoe"
     dtype = torch.float32 if args.small else torch.bfloat16
     path = Path(args.model_dir or f"/tmp/moepager-bench-{shape_name}-{str(dtype).split('.')[-1]}")
-    contexts = [int(c) for c in args.contexts.split(",")]
+    try:
+        contexts = [int(c) for c in args.contexts.split(",")]
+    except ValueError:
+        ap.error(f"--contexts: comma-separated token counts, got {args.contexts!r}")
+    if min(contexts) < 1 or args.tokens < 2 or args.repeat < 1:
+        ap.error("--contexts must be >= 1, --tokens >= 2 (decode time is measured between tokens), --repeat >= 1")
     config = path / "config.json"
     # an existing checkpoint's own limit, else that of the one build_checkpoint writes
     limit = json.loads(config.read_text()).get("max_position_embeddings", 4096) if config.is_file() else 4096
