@@ -58,15 +58,24 @@ class GrowingLayer(DynamicLayer):
         super().reset()
 
     def held_bytes(self) -> int:
-        """Bytes of the buffers (the positions in use plus the room to grow)."""
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+        """Bytes the keys and values hold: a buffer's whole capacity where they are views of it."""
+        total = 0
+        for name in ("keys", "values"):
+            t, buf = getattr(self, name, None), self._buffers.get(name)
+            if isinstance(t, torch.Tensor):
+                held = buf if buf is not None and t.dim() == buf.dim() and _prefix_of(t, buf, t.shape[-2]) else t
+                total += held.numel() * held.element_size()
+        return total
 
     def _append(self, name: str, new: torch.Tensor) -> torch.Tensor:
         cur = getattr(self, name)
         buf = self._buffers.get(name)
         n = cur.shape[-2] if cur.dim() == new.dim() else 0  # an empty cache holds a 1-D placeholder
         end = n + new.shape[-2]
-        if buf is None or not _prefix_of(cur, buf, n) or end > buf.shape[-2] or new.shape[:-2] != buf.shape[:-2]:
+        if buf is not None and not _prefix_of(cur, buf, n):
+            del self._buffers[name]  # replaced from outside: free the old buffer before allocating
+            buf = None
+        if buf is None or end > buf.shape[-2] or new.shape[:-2] != buf.shape[:-2]:
             capacity = held_positions(end)
             grown = new.new_empty((*new.shape[:-2], capacity, new.shape[-1]))
             if n:
@@ -131,7 +140,7 @@ class BatchKV:
         """Bytes of every tensor the cache layers hold."""
         total = 0
         for layer in self.cache.layers:
-            if isinstance(layer, GrowingLayer) and layer.held_bytes():
+            if isinstance(layer, GrowingLayer):
                 total += layer.held_bytes()
                 continue
             for name in ("keys", "values"):

@@ -54,6 +54,11 @@ def test_outside_assignments_are_followed():
     for edit in edits:
         edit(ref)
         edit(grow)
+        used = (grow.keys.numel() + grow.values.numel()) * 4
+        if grow.keys.data_ptr() != grow._buffers["keys"].data_ptr():  # replaced: held is the new tensors
+            assert grow.held_bytes() == used
+        else:  # a view of the buffer (crop): held is the buffer
+            assert grow.held_bytes() == sum(b.numel() * 4 for b in grow._buffers.values()) > used
         for _ in range(3):
             k, v = _states(gen, 1, batch=ref.keys.shape[0])
             ref.update(k, v)
