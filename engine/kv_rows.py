@@ -45,6 +45,7 @@ class GrowingLayer(DynamicLayer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._buffers: dict[str, torch.Tensor] = {}
+        self._views: dict[str, torch.Tensor] = {}  # the view update() returned last: a prefix, no check needed
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -54,7 +55,7 @@ class GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
     def reset(self) -> None:
-        self._buffers = {}
+        self._buffers, self._views = {}, {}
         super().reset()
 
     def held_bytes(self) -> int:
@@ -72,17 +73,18 @@ class GrowingLayer(DynamicLayer):
         buf = self._buffers.get(name)
         n = cur.shape[-2] if cur.dim() == new.dim() else 0  # an empty cache holds a 1-D placeholder
         end = n + new.shape[-2]
-        if buf is not None and not _prefix_of(cur, buf, n):
+        if buf is not None and cur is not self._views.get(name) and not _prefix_of(cur, buf, n):
             del self._buffers[name]  # replaced from outside: free the old buffer before allocating
             buf = None
         if buf is None or end > buf.shape[-2] or new.shape[:-2] != buf.shape[:-2]:
             capacity = held_positions(end)
             grown = new.new_empty((*new.shape[:-2], capacity, new.shape[-1]))
             if n:
-                grown[..., :n, :].copy_(cur)
+                grown.narrow(-2, 0, n).copy_(cur)
             self._buffers[name] = buf = grown
-        buf[..., n:end, :].copy_(new)
-        return buf[..., :end, :]
+        buf.narrow(-2, n, end - n).copy_(new)
+        view = self._views[name] = buf.narrow(-2, 0, end)
+        return view
 
 
 def held_positions(n: int) -> int:
