@@ -6,8 +6,9 @@
 ``MoepagerReplica`` owns one engine (one device) and serves it through the unchanged moepager
 FastAPI app; ``OpenAIIngress`` answers HTTP, computes each request's affinity key and calls
 a replica through a handle whose router is ``AffinityRouter``. A replica that dies before it
-has answered is retried on another one; one that dies in the middle of a stream ends that
-stream with an SSE error event, never silently. ``GET /metrics`` on the ingress shows every
+has answered, or before the whole body of a non-streaming answer arrived (the ingress reads it
+in full before the client sees a byte), is retried on another one; one that dies in the middle
+of a stream ends that stream with an SSE error event, never silently. ``GET /metrics`` on the ingress shows every
 replica's metrics labelled ``replica`` plus the affinity counts.
 """
 
@@ -155,18 +156,25 @@ class OpenAIIngress:
                 log.warning("replica gone before answering (attempt %d): %s", attempt + 1, exc)
                 continue
             response_headers = {k: v for k, v in start.headers if k not in ("content-length",)}
-            sse = response_headers.get("content-type", "").startswith("text/event-stream")
-            return StreamingResponse(self._rest(stream, sse), status_code=start.status,
-                                     headers=response_headers)
+            if response_headers.get("content-type", "").startswith("text/event-stream"):
+                return StreamingResponse(self._rest(stream), status_code=start.status, headers=response_headers)
+            # A whole-body answer is read in full before the client sees a byte, so a replica that dies
+            # between its headers and its body is retried like one that died before answering.
+            try:
+                body = b"".join([chunk async for chunk in stream])
+            except REPLICA_GONE as exc:
+                last = exc
+                log.warning("replica gone while answering (attempt %d): %s", attempt + 1, exc)
+                continue
+            return Response(body, status_code=start.status, headers=response_headers)
         return _error(503, f"no replica could serve the request after {self._attempts} attempts: {last}")
 
-    async def _rest(self, stream: Any, sse: bool) -> AsyncIterator[bytes]:
+    async def _rest(self, stream: Any) -> AsyncIterator[bytes]:
+        """The rest of an event stream; a replica that dies mid-stream ends it with an error event."""
         try:
             async for chunk in stream:
                 yield chunk
         except REPLICA_GONE as exc:
-            if not sse:
-                raise
             error = {"error": {"message": f"the replica serving this stream died; retry the request ({exc})",
                                "type": "service_unavailable", "param": None, "code": None}}
             yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()

@@ -129,10 +129,66 @@ def test_stream_cut_by_a_dead_replica_ends_with_an_error_event():
         yield b'data: {"choices": []}\n\n'
         raise ray.exceptions.RayActorError()
 
-    async def collect(sse: bool) -> list[bytes]:
-        return [chunk async for chunk in OpenAIIngress._rest(None, dying_stream(), sse)]
+    async def collect() -> list[bytes]:
+        return [chunk async for chunk in OpenAIIngress._rest(None, dying_stream())]
 
-    chunks = asyncio.run(collect(True))
+    chunks = asyncio.run(collect())
     assert chunks[0].startswith(b"data: {") and b'"error"' in chunks[1] and chunks[1].endswith(b"data: [DONE]\n\n")
-    with pytest.raises(ray.exceptions.RayActorError):  # not a stream: the client sees a broken response
-        asyncio.run(collect(False))
+
+
+class _Replicas:
+    """A deployment handle whose first ``deaths`` calls answer headers, then die before the body."""
+
+    def __init__(self, ray, deaths: int) -> None:
+        self.ray, self.deaths, self.calls = ray, deaths, 0
+        self.handle = self
+
+    def options(self, stream: bool):
+        return self
+
+    def remote(self, forwarded):
+        from deploy.ray.protocol import ResponseStart
+
+        self.calls += 1
+        dies = self.calls <= self.deaths
+
+        async def answer():
+            yield ResponseStart(200, (("content-type", "application/json"), ("x-moepager-replica", str(self.calls))))
+            if dies:
+                raise self.ray.exceptions.RayActorError()
+            yield b'{"choices": '
+            yield b'[]}'
+        return answer()
+
+
+class _Request:
+    method = "POST"
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.headers = {"content-type": "application/json"}
+        self.url = type("URL", (), {"path": "/v1/chat/completions", "query": ""})()
+
+    async def body(self) -> bytes:
+        return self._body
+
+
+@pytest.mark.parametrize("deaths, status", [(1, 200), (2, 200), (3, 503)])
+def test_whole_body_answer_cut_by_a_dead_replica_is_retried(deaths, status):
+    import types
+
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]'")
+    import asyncio
+
+    from deploy.ray.app import OpenAIIngress
+
+    ingress = types.SimpleNamespace(_replica=_Replicas(ray, deaths), _prefix_chars=64, _attempts=3)
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+    response = asyncio.run(OpenAIIngress.forward(ingress, "v1/chat/completions", _Request(body)))
+    assert response.status_code == status, response.body
+    assert ingress._replica.calls == min(deaths + 1, 3)
+    if status == 200:  # the client gets the survivor's whole answer, never a cut one
+        assert response.body == b'{"choices": []}'
+        assert response.headers["x-moepager-replica"] == str(deaths + 1)
+    else:
+        assert b"after 3 attempts" in response.body
