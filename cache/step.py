@@ -150,7 +150,7 @@ class NoPrefetching:
     def on_evict(self, key: ExpertKey) -> None:
         return None
 
-    def issue(self, layer: int, hidden: Any, routing: Any, needed: list[ExpertKey]) -> None:
+    def issue(self, layer: int, hidden: Any, routing: Any, needed: list[ExpertKey], phase: int = DECODE) -> None:
         return None
 
     def reset(self) -> None:
@@ -202,7 +202,7 @@ class Prefetching:
     def on_evict(self, key: ExpertKey) -> None:
         self.planner.on_evict(key)
 
-    def issue(self, layer: int, hidden: Any, routing: Any, needed: list[ExpertKey]) -> None:
+    def issue(self, layer: int, hidden: Any, routing: Any, needed: list[ExpertKey], phase: int = DECODE) -> None:
         planner, link, inflight = self.planner, self.link, self.inflight
         # Stale copies first: a cancelled prefetch frees its slot and budget for this plan.
         for key in planner.stale(layer):
@@ -212,7 +212,7 @@ class Prefetching:
                 self.cache.evict(key)
                 planner.on_cancel(key)
         self.predictor.observe(layer, hidden, routing)
-        for key, slot, _evicted in planner.plan(self.predictor.predict(layer), self.cache, set(needed)):
+        for key, slot, _evicted in planner.plan(self.predictor.predict(layer), self.cache, set(needed), phase):
             inflight[key] = link.prefetch(key, slot)
             self.counters.prefetch_copies += 1
             self.counters.prefetch_bytes += self.page_bytes
@@ -334,7 +334,7 @@ class LayerStep:
             if not planned:
                 # Plan once the first demand copies are queued: later layers' copies then overlap this
                 # layer's wait and compute instead of starting a layer late.
-                pf.issue(layer, hidden, routing, keys)
+                pf.issue(layer, hidden, routing, keys, phase)
                 planned = True
             for key, _slot in result.hits:
                 handle = pf.late(key)
@@ -347,7 +347,7 @@ class LayerStep:
             yield Wave.of(layer, result)
             link.fence()
         if not planned:  # every miss computed on the host, or nothing routed
-            pf.issue(layer, hidden, routing, keys)
+            pf.issue(layer, hidden, routing, keys, phase)
         if on_host:
             yield Wave(layer, on_host, [None] * len(on_host), on_host=True)
         counters.used_bytes = cache.used_slots() * self.page_bytes

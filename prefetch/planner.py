@@ -32,6 +32,10 @@ units of one copy's time, a candidate with chance ``p`` of being used is worth
 All four are running averages over plain counters, updated in O(1) per event, so
 with a predictor that guesses badly or a link that is already the bottleneck the
 planner stops copying, and with compute to spare it copies whatever is likely.
+They are kept apart per phase (prefill, decode), each copy's outcome feeding the
+phase that issued it: a prefill layer computes many tokens for as long as a copy
+takes or longer, a decode layer one token, so a link that is idle at prefill can
+be the bottleneck at decode, and the predictor's hit rate differs between the two.
 Candidates go best first, so where the link has idle time a predictor that lists
 more than K guesses per layer gets its runners-up copied too.
 
@@ -57,6 +61,35 @@ from dataclasses import dataclass
 
 from cache.base import ExpertKey
 from cache.manager import ExpertCache
+from cache.step import DECODE, PREFILL
+
+
+def _explores(rejected: int, occupancy: float) -> bool:
+    """Whether the ``rejected``-th candidate the gate turned down is copied all the same, to measure.
+
+    The 1st, 2nd, 4th, 8th, ...: a logarithmic number. On a link measured busy (rho >= 1/2) a copy
+    that is not used costs about one copy of stall, so there only the 1st, 4th, 16th, 64th, ...
+    """
+    if rejected & (rejected - 1):
+        return False
+    return occupancy < 0.5 or rejected.bit_length() % 2 == 1
+
+
+class _Estimates:
+    """One phase's running averages, score calibration and exploration count."""
+
+    __slots__ = ("damage", "gain", "occupancy", "rejected", "samples", "total", "used")
+
+    def __init__(self) -> None:
+        # Pessimistic until measured: a busy link and late copies, so a bad predictor costs nothing up
+        # front; copies issued to explore (a logarithmic number of rejected candidates) show otherwise.
+        self.occupancy = 1.0  # rho
+        self.gain = 0.05  # g
+        self.damage = 0.0  # delta
+        self.samples = {"occupancy": 1, "gain": 1, "damage": 1}
+        self.used = [0.0] * 10
+        self.total = [0.0] * 10
+        self.rejected = 0
 
 
 @dataclass
@@ -86,16 +119,9 @@ class PrefetchPlanner:
         self._prior = float(prior)  # pseudo-copies behind the predictor's own score
         self._layers = 1  # MoE layers seen: one token plans once per layer
         self._plans = 0
-        self._rejected = 0
-        self._issued_at: dict[ExpertKey, tuple[int, int]] = {}  # key -> (plan index, score decile)
-        self._used = [0.0] * 10
-        self._total = [0.0] * 10
-        # Pessimistic until measured: a busy link and late copies, so a bad predictor costs nothing up
-        # front; copies issued to explore (a logarithmic number of rejected candidates) show otherwise.
-        self.occupancy = 1.0  # rho
-        self.gain = 0.05  # g
-        self.damage = 0.0  # delta
-        self._samples = {"occupancy": 1, "gain": 1, "damage": 1}
+        self._issued_at: dict[ExpertKey, tuple[int, int, int]] = {}  # key -> (plan index, score decile, phase)
+        self._phases = {PREFILL: _Estimates(), DECODE: _Estimates()}
+        self._est = self._phases[DECODE]  # the phase of the latest plan
         self._scope_of = None  # cache.scope_of, from the first plan
         self._unused: dict[int, deque[ExpertKey]] = {}  # scope -> issued copies not yet resolved, oldest first
         self._charged: dict[ExpertKey, int] = {}  # unused copy -> misses charged to it
@@ -103,30 +129,37 @@ class PrefetchPlanner:
         self._ghost: dict[ExpertKey, int] = {}  # evicted key -> its scope's eviction count then
         self._ghost_limit = 4096
 
+    # The latest plan's phase's estimates (what the tests and the docs call rho, g and delta).
+    occupancy = property(lambda self: self._est.occupancy)
+    gain = property(lambda self: self._est.gain)
+    damage = property(lambda self: self._est.damage)
+
     def expected_value(self, score: float, evicts: bool) -> float:
         """Net stall saved by copying a candidate of ``score`` now, in copies (> 0: worth issuing)."""
+        est = self._est
         b = min(int(score * 10.0), 9) if score > 0 else 0
-        p = (self._used[b] + self._prior * min(score, 1.0)) / (self._total[b] + self._prior)
-        cost = self.occupancy + self.damage if evicts else self.occupancy
-        return p * self.gain - (1.0 - p) * cost
+        p = (est.used[b] + self._prior * min(score, 1.0)) / (est.total[b] + self._prior)
+        cost = est.occupancy + est.damage if evicts else est.occupancy
+        return p * est.gain - (1.0 - p) * cost
 
-    def _sample(self, name: str, value: float) -> None:
-        n = self._samples[name] = self._samples[name] + 1
+    def _sample(self, est: _Estimates, name: str, value: float) -> None:
+        n = est.samples[name] = est.samples[name] + 1
         rate = max(self._rate, 1.0 / n)  # a plain mean at first, then a running average
-        setattr(self, name, getattr(self, name) + rate * (value - getattr(self, name)))
+        setattr(est, name, getattr(est, name) + rate * (value - getattr(est, name)))
 
     def _resolve(self, key: ExpertKey, used: bool, busy: bool | None) -> None:
-        """An issued copy's fate is known: feed the calibration and the running averages."""
+        """An issued copy's fate is known: feed its phase's calibration and running averages."""
         issued = self._issued_at.pop(key, None)
         if issued is None:
             return
-        _plan, b = issued
-        self._sample("damage", float(self._charged.pop(key, 0)))
-        self._total[b] += 1.0
+        _plan, b, phase = issued
+        est = self._phases[phase]
+        self._sample(est, "damage", float(self._charged.pop(key, 0)))
+        est.total[b] += 1.0
         if used:
-            self._used[b] += 1.0
+            est.used[b] += 1.0
         if busy is not None:
-            self._sample("occupancy", 1.0 if busy else 0.0)
+            self._sample(est, "occupancy", 1.0 if busy else 0.0)
 
     # -- planning ----------------------------------------------------------------
     def plan(
@@ -134,14 +167,17 @@ class PrefetchPlanner:
         predictions: Iterable[tuple[ExpertKey, float]],
         cache: ExpertCache,
         needed_now: AbstractSet[ExpertKey],
+        phase: int = DECODE,
     ) -> list[tuple[ExpertKey, int, ExpertKey | None]]:
         """Choose what to copy now; reserves slots in ``cache``.
 
         Returns ``(key, slot, evicted)`` for each copy to issue, best first. The
         caller issues the copies and calls :meth:`on_complete` when each lands.
+        ``phase`` (prefill or decode) selects the estimates the gate weighs with.
         """
         issued = []
         self._plans += 1
+        est = self._est = self._phases[phase]
         self._scope_of = cache.scope_of
         budget_left = self.budget_bytes - len(self.in_flight) * self.expert_bytes
         in_flight_per_scope: dict[int, int] = {}
@@ -165,9 +201,9 @@ class PrefetchPlanner:
             if in_flight_per_scope.get(scope, 0) + 1 >= cache.capacity(key.layer):
                 continue  # a demand miss of that scope must always find an unpinned slot
             if self.gate and self.expected_value(score, not cache.has_free_slot(key.layer)) <= 0:
-                self._rejected += 1
-                if self._rejected & (self._rejected - 1):
-                    continue  # the 1st, 2nd, 4th, 8th, ... rejected candidate is copied all the same
+                est.rejected += 1
+                if not _explores(est.rejected, est.occupancy):
+                    continue
             protected = set(needed_now) | self.in_flight | self.landed | wanted
             placed = cache.insert(key, protected)
             if placed is None and len(above) < len(wanted):
@@ -178,7 +214,7 @@ class PrefetchPlanner:
             if evicted is not None:
                 self.on_evict(evicted)
             self.in_flight.add(key)
-            self._issued_at[key] = (self._plans, min(int(score * 10.0), 9) if score > 0 else 0)
+            self._issued_at[key] = (self._plans, min(int(score * 10.0), 9) if score > 0 else 0, phase)
             self._unused.setdefault(scope, deque()).append(key)
             self._charged[key] = 0
             self._ghost.pop(key, None)
@@ -195,21 +231,23 @@ class PrefetchPlanner:
             self.landed.add(key)
             issued = self._issued_at.get(key)
             if issued is not None:  # landed before the next layer planned: the link had room
-                self._sample("occupancy", 1.0 if self._plans > issued[0] else 0.0)
+                self._sample(self._phases[issued[2]], "occupancy", 1.0 if self._plans > issued[0] else 0.0)
 
     def on_access(self, key: ExpertKey) -> None:
         """The engine/simulator needs ``key`` now (call before waiting on its copy)."""
+        issued = self._issued_at.get(key)
+        est = self._phases[issued[2]] if issued is not None else self._est
         if key in self.landed or key in self.idle:
             self.landed.discard(key)
             self.idle.discard(key)
             self.outcomes.useful += 1
             self._resolve(key, True, None)
-            self._sample("gain", 1.0)
+            self._sample(est, "gain", 1.0)
         elif key in self.in_flight:
             self.in_flight.discard(key)
             self.outcomes.late += 1
             self._resolve(key, True, True)
-            self._sample("gain", 0.05)
+            self._sample(est, "gain", 0.05)
         seen = self._ghost.pop(key, None)
         if seen is not None:
             self._charge(key, seen)

@@ -44,7 +44,7 @@ from cache.hybrid import MODES, HybridCostModel
 from cache.manager import ExpertCache
 from cache.routing import cache_aware_route
 from cache.shape import ModelShape, build_policy_for
-from cache.step import NO_HOST, InstantLink, LayerStep, NoPrefetching, Prefetching, StepCounters
+from cache.step import DECODE, NO_HOST, InstantLink, LayerStep, NoPrefetching, Prefetching, StepCounters
 from prefetch.base import build_predictor
 from prefetch.planner import PrefetchPlanner
 from traces.format import Trace, load_trace
@@ -318,6 +318,7 @@ def _replay_full(trace: Trace, config: SimConfig, schedule: Schedule, cache: Exp
         prefetch.reset()
         rows_t = torch.from_numpy(rows)
         routing = experts_t[rows_t]  # [T, L, K]
+        phase = int(trace.phase[rows[0]]) if len(rows) else DECODE  # the engine runs one phase per forward
         for layer in range(layers):
             idx = routing[:, layer]  # [T, K]
             if router is not None:
@@ -327,7 +328,7 @@ def _replay_full(trace: Trace, config: SimConfig, schedule: Schedule, cache: Exp
                 counts = step_counts[layer] if step_counts is not None else [1] * len(experts)
             hidden = hidden_t[rows_t, layer] if hidden_t is not None else None
             device_waves = 0
-            for wave in step.run(layer, experts, counts, 1, hidden, idx):
+            for wave in step.run(layer, experts, counts, phase, hidden, idx):
                 if not wave.on_host:
                     device_waves += 1  # the engine computes here; the link's clock charges it
                 elif compute is not None:
