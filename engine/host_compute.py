@@ -36,11 +36,16 @@ class PagedMoeCompute:
             x, weights = hidden, routing.top_k_weights
         else:
             x, weights = routing.on_host(hidden)  # misses computed on the host of a GPU machine
-        lut = self._lut
-        wave = torch.tensor(experts, dtype=torch.int64)  # [U]
-        lut[wave] = torch.arange(len(experts))
-        local = lut[routing.idx_host]  # [T, K]: index into rows, -1 for experts of other waves
-        lut[wave] = -1
+        idx_host = routing.idx_host
+        if idx_host.numel() <= 256:  # a few decode tokens: a lookup in Python beats three index ops
+            at = {e: i for i, e in enumerate(experts)}
+            local = torch.tensor([[at.get(e, -1) for e in row] for row in idx_host.tolist()], dtype=torch.int64)
+        else:
+            lut = self._lut
+            wave = torch.tensor(experts, dtype=torch.int64)  # [U]
+            lut[wave] = torch.arange(len(experts))
+            local = lut[idx_host]  # [T, K]: index into rows, -1 for experts of other waves
+            lut[wave] = -1
         y = moe_ffn(x, table.pages, torch.tensor(rows, dtype=torch.int64), local, weights, self.fmt, self.act,
                     self.alpha, self.limit)  # [T, H]
         out.add(y)

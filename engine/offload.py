@@ -32,6 +32,18 @@ def routing_to_host(top_k_index: torch.Tensor) -> torch.Tensor:
     return top_k_index.to("cpu")
 
 
+def unique_experts(idx_host: torch.Tensor) -> tuple[list[int], list[int]]:
+    """The routed experts, ascending, and each one's number of (token, slot) pairs."""
+    if idx_host.numel() > 256:
+        unique_t, counts_t = torch.unique(idx_host, return_counts=True)
+        return unique_t.tolist(), counts_t.tolist()
+    tally: dict[int, int] = {}
+    for e in idx_host.reshape(-1).tolist():  # a few decode tokens: cheaper than a sort op
+        tally[e] = tally.get(e, 0) + 1
+    experts = sorted(tally)
+    return experts, [tally[e] for e in experts]
+
+
 @dataclass
 class ActiveStep:
     """What the generation loop told us about the rows of the current forward."""
@@ -77,11 +89,12 @@ class Routing:
 
     Positions come from one stable sort of the flattened routing: expert ``e``'s positions are
     ``order[start_e : start_e + count_e]``, with start and count known on the host, so slicing the
-    device copy of ``order`` needs no sync.
+    device copy of ``order`` needs no sync. The sort is made on first use: per-layer ops (the native
+    ``moe_ffn``) read the routing itself and never need it.
     """
 
-    __slots__ = ("K", "_host", "_order_dev", "idx", "idx_host", "order", "span", "top_k_weights",
-                 "weights")
+    __slots__ = ("K", "_counts", "_experts", "_host", "_order", "_order_dev", "_span", "idx", "idx_host",
+                 "top_k_weights", "weights")
 
     def __init__(self, idx_host: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, experts: list[int],
                  counts: list[int]) -> None:
@@ -90,20 +103,40 @@ class Routing:
         self.idx_host = idx_host  # [T, K] host
         self.top_k_weights = weights  # [T, K] device
         self.weights = weights.reshape(-1)  # [T*K] device
-        order = torch.argsort(idx_host.reshape(-1), stable=True)  # [T*K] host
-        self.order = order.tolist()
-        self._order_dev = order if idx.device.type == "cpu" else None
+        self._experts, self._counts = experts, counts
+        self._order: list[int] | None = None
+        self._order_dev: torch.Tensor | None = None
+        self._span: dict[int, tuple[int, int]] | None = None
         self._host = None
-        span, start = {}, 0
-        for e, n in zip(experts, counts):
-            span[e] = (start, n)
-            start += n
-        self.span = span
+
+    @property
+    def order(self) -> list[int]:
+        """Positions in T*K, grouped by expert (ascending), in token order within an expert."""
+        if self._order is None:
+            order = torch.argsort(self.idx_host.reshape(-1), stable=True)  # [T*K] host
+            self._order = order.tolist()
+            if self.idx.device.type == "cpu":
+                self._order_dev = order
+        return self._order
+
+    @property
+    def span(self) -> dict[int, tuple[int, int]]:
+        """expert -> (start, count) of its positions in :attr:`order`."""
+        if self._span is None:
+            span, start = {}, 0
+            for e, n in zip(self._experts, self._counts):
+                span[e] = (start, n)
+                start += n
+            self._span = span
+        return self._span
 
     def positions(self, start: int, n: int) -> torch.Tensor:
         """Positions [n] in T*K of one expert's tokens, on the device."""
-        if self._order_dev is None:  # computed on the device from the device routing: no host copy
-            self._order_dev = torch.argsort(self.idx.reshape(-1), stable=True)
+        if self._order_dev is None:
+            if self.idx.device.type == "cpu":
+                self._order_dev = torch.argsort(self.idx_host.reshape(-1), stable=True)
+            else:  # computed on the device from the device routing: no host copy
+                self._order_dev = torch.argsort(self.idx.reshape(-1), stable=True)
         return self._order_dev[start : start + n]
 
     def on_host(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,8 +298,7 @@ class OffloadRuntime:
         routed = self.routing.route(layer, top_k_index, top_k_weights, rows)
         top_k_index = routed.top_k_index
         idx_host = routing_to_host(top_k_index)  # sync: routing decides which experts must be resident  [T, K]
-        unique_t, counts_t = torch.unique(idx_host, return_counts=True)
-        experts, counts = unique_t.tolist(), counts_t.tolist()  # [U], [U]
+        experts, counts = unique_experts(idx_host)  # [U], [U]
         T, K = idx_host.shape
         routing = Routing(idx_host, top_k_index, top_k_weights, experts, counts)
         out = LayerOutput(T, K, hidden.shape[-1], torch.promote_types(hidden.dtype, top_k_weights.dtype),

@@ -64,17 +64,6 @@ from cache.manager import ExpertCache
 from cache.step import DECODE, PREFILL
 
 
-def _explores(rejected: int, occupancy: float) -> bool:
-    """Whether the ``rejected``-th candidate the gate turned down is copied all the same, to measure.
-
-    The 1st, 2nd, 4th, 8th, ...: a logarithmic number. On a link measured busy (rho >= 1/2) a copy
-    that is not used costs about one copy of stall, so there only the 1st, 4th, 16th, 64th, ...
-    """
-    if rejected & (rejected - 1):
-        return False
-    return occupancy < 0.5 or rejected.bit_length() % 2 == 1
-
-
 class _Estimates:
     """One phase's running averages, score calibration and exploration count."""
 
@@ -90,6 +79,20 @@ class _Estimates:
         self.used = [0.0] * 10
         self.total = [0.0] * 10
         self.rejected = 0
+
+
+def _explores(est: _Estimates) -> bool:
+    """Whether the ``est.rejected``-th candidate the gate turned down is copied all the same, to measure.
+
+    The 1st, 2nd, 4th, 8th, ...: a logarithmic number. Once the link is measured busy (rho >= 1/2
+    over a few copies, not the pessimistic start) an unused copy costs about one copy of stall, so
+    then only the 4th, 16th, 64th, ...
+    """
+    rejected = est.rejected
+    if rejected & (rejected - 1):
+        return False
+    busy = est.occupancy >= 0.5 and est.samples["occupancy"] > 3
+    return not busy or rejected.bit_length() % 2 == 1
 
 
 @dataclass
@@ -202,7 +205,7 @@ class PrefetchPlanner:
                 continue  # a demand miss of that scope must always find an unpinned slot
             if self.gate and self.expected_value(score, not cache.has_free_slot(key.layer)) <= 0:
                 est.rejected += 1
-                if not _explores(est.rejected, est.occupancy):
+                if not _explores(est):
                     continue
             protected = set(needed_now) | self.in_flight | self.landed | wanted
             placed = cache.insert(key, protected)
