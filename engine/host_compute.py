@@ -16,7 +16,7 @@ import torch
 from cuda_ext import moe_ffn, native_cpu, silu_layout
 from cuda_ext.pages import apply_act
 from engine.errors import MoepagerError
-from engine.offload import LayerOutput, PageTable, Routing, TorchExpertCompute
+from engine.offload import SMALL_ROUTING, LayerOutput, PageTable, Routing, TorchExpertCompute
 
 
 class PagedMoeCompute:
@@ -37,7 +37,7 @@ class PagedMoeCompute:
         else:
             x, weights = routing.on_host(hidden)  # misses computed on the host of a GPU machine
         idx_host = routing.idx_host
-        if idx_host.numel() <= 256:  # a few decode tokens: a lookup in Python beats three index ops
+        if idx_host.numel() <= SMALL_ROUTING:  # a lookup in Python beats three index ops
             at = {e: i for i, e in enumerate(experts)}
             local = torch.tensor([[at.get(e, -1) for e in row] for row in idx_host.tolist()], dtype=torch.int64)
         else:

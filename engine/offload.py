@@ -32,13 +32,18 @@ def routing_to_host(top_k_index: torch.Tensor) -> torch.Tensor:
     return top_k_index.to("cpu")
 
 
+# Routings of up to this many (token, slot) pairs (a few decode tokens) are tallied and looked up in
+# Python: cheaper there than a sort or index op each.
+SMALL_ROUTING = 256
+
+
 def unique_experts(idx_host: torch.Tensor) -> tuple[list[int], list[int]]:
     """The routed experts, ascending, and each one's number of (token, slot) pairs."""
-    if idx_host.numel() > 256:
+    if idx_host.numel() > SMALL_ROUTING:
         unique_t, counts_t = torch.unique(idx_host, return_counts=True)
         return unique_t.tolist(), counts_t.tolist()
     tally: dict[int, int] = {}
-    for e in idx_host.reshape(-1).tolist():  # a few decode tokens: cheaper than a sort op
+    for e in idx_host.reshape(-1).tolist():
         tally[e] = tally.get(e, 0) + 1
     experts = sorted(tally)
     return experts, [tally[e] for e in experts]

@@ -8,8 +8,8 @@ FastAPI app; ``OpenAIIngress`` answers HTTP, computes each request's affinity ke
 a replica through a handle whose router is ``AffinityRouter``. A replica that dies before it
 has answered, or before the whole body of a non-streaming answer arrived (the ingress reads it
 in full before the client sees a byte), is retried on another one; one that dies in the middle
-of a stream ends that stream with an SSE error event, never silently. ``GET /metrics`` on the ingress shows every
-replica's metrics labelled ``replica`` plus the affinity counts.
+of a stream ends that stream with an SSE error event, never silently. ``GET /metrics`` on the
+ingress shows every replica's metrics labelled ``replica`` plus the affinity counts.
 """
 
 # No "from __future__ import annotations": FastAPI must see the real Request type through
