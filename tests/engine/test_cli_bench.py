@@ -53,3 +53,21 @@ def test_bench_long_context_rejects_contexts_past_the_model(tmp_path, capsys):
         main(["bench", "long-context", "--small", "--model-dir", str(tmp_path / "model"), "--contexts", "5000"])
     assert exc.value.code == 2
     assert "--contexts" in capsys.readouterr().err
+
+
+def test_offload_overhead_times_decode_layers_and_profiles(tmp_path, capsys):
+    def overhead(args):
+        return main(["bench", "offload-overhead", *args])
+
+    out = tmp_path / "overhead.json"
+    rc = overhead(["--small", "--model-dir", str(tmp_path / "model"), "--tokens", "4", "--repeat", "2", "--profile",
+                   "--out", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    runs = report["runs"]
+    assert len(runs) == 2 and all(r["layer_calls"] == 3 * 4 for r in runs)  # 3 decode tokens x 4 MoE layers
+    assert all(0 < r["overhead_us_per_layer_median"] and 0 < r["ms_per_token"] for r in runs)
+    assert any(row["op"].endswith("moe_ffn") for row in report["profile"])
+    with pytest.raises(SystemExit) as exc:
+        overhead(["--small", "--tokens", "1"])
+    assert exc.value.code == 2 and "--tokens" in capsys.readouterr().err
