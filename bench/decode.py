@@ -12,7 +12,9 @@ index), then runs each configuration in its own process so peak RSS is its own:
 - ``int8-dense``: int8 expert pages and int8 dense layers (``--dense-dtype int8``), every weight
   a token reads in 8 bits, as 8-bit C++ engines run;
 - ``p25``: moepager with 25 % of experts in slots and an emulated 25 GB/s link;
-- ``load``: moepager load only (minimum slots): peak RSS against the checkpoint size.
+- ``load``: moepager load only (minimum slots): peak RSS against the checkpoint size;
+- any native case with ``-4row`` appended (``all-4row``, ``int8-4row``, ...): the same with the
+  kernels' earlier loop over 4 interleaved weight rows per tile, for a side-by-side comparison.
 
 Besides decode tokens/s it reports the bytes each token reads (routed experts actually used
 plus every dense weight but the embedding rows) and the effective read bandwidth, against
@@ -120,8 +122,15 @@ CASE_EXPERT_DTYPE = {"ref": "auto", "all": "auto", "bf16": "auto", "int8": "int8
                      "int8-dense": "int8"}
 
 
+FOUR_ROW = "-4row"
+
+
 def run_case(case: str, path: str, tokens: int, prompt_len: int, dtype: str) -> dict:
     """One configuration, in this process (``ref`` runs with MOEPAGER_NATIVE=0, set by the parent)."""
+    label, four_rows = case, case.endswith(FOUR_ROW)
+    case = case.removesuffix(FOUR_ROW)
+    if four_rows and case not in CASE_EXPERT_DTYPE.keys() - {"ref"}:
+        raise SystemExit(f"--cases: {label}: {FOUR_ROW} applies to the native cases only")
     torch.manual_seed(0)
     prompt = torch.randint(10, 1000, (prompt_len,)).tolist()
     ckpt_bytes = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
@@ -174,7 +183,9 @@ def run_case(case: str, path: str, tokens: int, prompt_len: int, dtype: str) -> 
         kwargs["expert_slots"] = per_layer * cfg.num_hidden_layers
     eng = Engine.from_pretrained(path, **kwargs)
     load_s = time.perf_counter() - t0
-    result = {"case": case, "load_seconds": load_s, "peak_rss_bytes": _peak_rss_bytes(), "checkpoint_bytes": ckpt_bytes}
+    if four_rows:
+        native_cpu.set_row_block(4)
+    result = {"case": label, "load_seconds": load_s, "peak_rss_bytes": _peak_rss_bytes(), "checkpoint_bytes": ckpt_bytes}
     if case == "load":
         eng.close()
         return result
@@ -230,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--cases", default="load,hf,ref,all,int8,int4,int8-dense,p25",
-                    help="comma-separated: load, hf, ref, all (alias bf16), int8, int4, int8-dense, p25")
+                    help="comma-separated: load, hf, ref, all (alias bf16), int8, int4, int8-dense, p25; "
+                         "a native case with -4row appended runs the kernels' earlier 4-row loop")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run each case this many times, alternating, and keep the fastest (shared machines)")
     ap.add_argument("--omp-spin", default="libgomp", choices=("short", "libgomp"),

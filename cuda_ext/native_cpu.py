@@ -130,6 +130,14 @@ def set_isa(name: str) -> str:
     return str(torch.ops.moepager_cpu.set_isa(name))
 
 
+def set_row_block(rows: int) -> int:
+    """Rows per kernel tile: 1 (the default: each weight row read front to back) or 4 (four rows
+    interleaved, the earlier loop, kept so benchmarks can compare the two); returns the previous."""
+    if not available():
+        raise RuntimeError(f"native CPU kernels are not loaded ({status()})")
+    return int(torch.ops.moepager_cpu.set_row_block(rows))
+
+
 def status() -> str:
     """'native-<isa>', 'reference', 'reference (not built yet)' or 'build failed: <error>'."""
     if _disabled() or detect_isa() == "none":

@@ -59,46 +59,47 @@ namespace avx512bf16 {
 // only: measured on a Xeon with AVX512_BF16, from two tokens per tile on the shift-to-fp32 + FMA
 // kernel was faster (VDPBF16PS issues at a fraction of the FMA rate there), at one token both read
 // the weights faster than memory delivers them.
-template <int TB>
-static void tile_dp(const TileArgs& a, int64_t r, int nr, int64_t t0) {
-  constexpr int RB = 4;
+// RB rows x U accumulators per row over consecutive 32-input vectors, one token (see tile in
+// cpu_kernels_impl.h for why one row at a time).
+template <int RB, int U>
+static void tile_dp(const TileArgs& a, int64_t r, int nr) {
   const int64_t K = a.K;
   const uint8_t* wb[RB];  // rows of bf16 weights; input k is at byte 2 * k
   for (int i = 0; i < RB; ++i) wb[i] = a.w + tile_row(r, nr, i) * a.w_row_bytes;
-  const uint16_t* xp[TB];
-  for (int t = 0; t < TB; ++t) xp[t] = a.xb + (t0 + t) * K;
-  __m512 acc[RB][TB];
-  for (int i = 0; i < RB; ++i)
-    for (int t = 0; t < TB; ++t) acc[i][t] = _mm512_setzero_ps();
+  const uint16_t* xp = a.xb;
+  __m512 acc[U][RB];
+  for (int u = 0; u < U; ++u)
+    for (int i = 0; i < RB; ++i) acc[u][i] = _mm512_setzero_ps();
+  auto step = [&](int64_t k, int u) {
+    const __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + k);
+    for (int i = 0; i < RB; ++i)
+      acc[u][i] = _mm512_dpbf16_ps(acc[u][i], (__m512bh)_mm512_loadu_si512(wb[i] + 2 * k), xv);
+  };
   int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    __m512bh wv[RB];
-    for (int i = 0; i < RB; ++i) wv[i] = (__m512bh)_mm512_loadu_si512(wb[i] + 2 * k);
-    prefetch_rows<64, RB>(wb, 2 * k);
-    for (int t = 0; t < TB; ++t) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xp[t] + k);
-      for (int i = 0; i < RB; ++i) acc[i][t] = _mm512_dpbf16_ps(acc[i][t], wv[i], xv);
-    }
+  for (; k + 32 * U <= K; k += 32 * U) {
+    prefetch_rows<64 * U, RB>(wb, 2 * k);
+    for (int u = 0; u < U; ++u) step(k + 32 * u, u);
   }
+  for (; k + 32 <= K; k += 32) step(k, 0);
   if (k < K) {  // zero-filled tail: both operands masked
     const __mmask32 m = static_cast<__mmask32>((1ull << (K - k)) - 1);
-    __m512bh wv[RB];
-    for (int i = 0; i < RB; ++i) wv[i] = (__m512bh)_mm512_maskz_loadu_epi16(m, wb[i] + 2 * k);
-    for (int t = 0; t < TB; ++t) {
-      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, xp[t] + k);
-      for (int i = 0; i < RB; ++i) acc[i][t] = _mm512_dpbf16_ps(acc[i][t], wv[i], xv);
-    }
+    const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, xp + k);
+    for (int i = 0; i < RB; ++i)
+      acc[0][i] = _mm512_dpbf16_ps(acc[0][i], (__m512bh)_mm512_maskz_loadu_epi16(m, wb[i] + 2 * k), xv);
   }
-  float sums[RB][TB];
-  for (int i = 0; i < RB; ++i)
-    for (int t = 0; t < TB; ++t) sums[i][t] = _mm512_reduce_add_ps(acc[i][t]);
-  epilogue<kBF16, TB>(a, r, nr, t0, sums);
+  float sums[RB][1];
+  for (int i = 0; i < RB; ++i) {
+    for (int u = 1; u < U; ++u) acc[0][i] = _mm512_add_ps(acc[0][i], acc[u][i]);
+    sums[i][0] = _mm512_reduce_add_ps(acc[0][i]);
+  }
+  epilogue<kBF16, 1, RB>(a, r, nr, 0, sums);
 }
 
 static void rows_bf16(const TileArgs& a, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; r += 4) {
-    const int nr = static_cast<int>(std::min<int64_t>(4, r1 - r));
-    tile_dp<1>(a, r, nr, 0);
+  if (a.row_block == 4) {
+    for (int64_t r = r0; r < r1; r += 4) tile_dp<4, 1>(a, r, static_cast<int>(std::min<int64_t>(4, r1 - r)));
+  } else {
+    for (int64_t r = r0; r < r1; ++r) tile_dp<1, 4>(a, r, 1);
   }
 }
 

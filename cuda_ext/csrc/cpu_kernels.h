@@ -29,6 +29,7 @@ struct TileArgs {
   const float* wt;          // [n] weight of each token, nullptr = 1
   float* out;               // accumulated into
   int64_t ldo;              // out row stride (elements)
+  int row_block;            // rows per tile: 1 (each row read front to back) or 4 (4 rows interleaved)
 };
 
 using RowsFn = void (*)(const TileArgs&, int64_t r0, int64_t r1);

@@ -70,6 +70,8 @@ const KernelTable* table_of(int level) {
 }
 
 std::atomic<int> g_level{-1};
+// Rows per kernel tile (TileArgs::row_block): 1, or 4 to measure the interleaved-rows loop.
+std::atomic<int> g_row_block{1};
 
 int initial_level() {
   int level = detect_level();
@@ -142,6 +144,8 @@ PageLayout page_layout(int kind, int64_t es, int64_t H, int64_t I, int64_t g, bo
 // Rows [0, rows) of one matrix for a list of experts, split across threads by row tiles: every
 // thread reads its share of every expert, so top-k experts at one token keep all cores busy.
 void run_rows(const KernelTable* kt, std::vector<TileArgs>& jobs, int64_t rows) {
+  const int rb = g_row_block.load();
+  for (TileArgs& a : jobs) a.row_block = rb;
   const int64_t tiles = (rows + kRowBlock - 1) / kRowBlock;
   at::parallel_for(0, tiles, 1, [&](int64_t b0, int64_t b1) {
     const int64_t r0 = b0 * kRowBlock, r1 = std::min(rows, b1 * kRowBlock);
@@ -491,6 +495,11 @@ std::string set_isa(c10::string_view name) {
   return table()->name;
 }
 
+int64_t set_row_block(int64_t rows) {
+  TORCH_CHECK(rows == 1 || rows == 4, "set_row_block: rows per tile must be 1 or 4, got ", rows);
+  return g_row_block.exchange(static_cast<int>(rows));
+}
+
 std::string current_isa() {
   const KernelTable* kt = table();
   return kt ? kt->name : "none";
@@ -514,6 +523,7 @@ TORCH_LIBRARY_IMPL(moepager, CPU, m) {
 TORCH_LIBRARY(moepager_cpu, m) {
   m.def("set_isa(str name) -> str", &moepager_cpu::set_isa);
   m.def("isa() -> str", &moepager_cpu::current_isa);
+  m.def("set_row_block(int rows) -> int", &moepager_cpu::set_row_block);
   m.def("detected_isa() -> str", &moepager_cpu::detected_isa);
   m.def("stream_read(Tensor t) -> int", &moepager_cpu::stream_read);
 }

@@ -184,6 +184,26 @@ def test_moe_ffn_int8_long_rows(native):
     native_cpu.set_isa(native)
 
 
+@pytest.mark.parametrize("kind_name", list(KINDS))
+def test_moe_ffn_four_row_tiles(native, kind_name):
+    """The loop over 4 interleaved rows per tile (kept so benchmarks can compare it with the
+    default one-row tiles) agrees with the reference on every ISA, and so does the native linear."""
+    assert native_cpu.set_row_block(4) == 1  # one row per tile is the default
+    try:
+        for isa in _isas():
+            native_cpu.set_isa(isa)
+            for arch in ARCHS:
+                for H, I, T in ((64, 32, 1), (64, 32, 7), (192, 96, 3)):
+                    _check(_fmt(kind_name, arch, H, I), ARCHS[arch][3], T, torch.float32, seed=T)
+            x, w = torch.randn(3, 50), torch.randn(37, 50)
+            torch.testing.assert_close(linear(x, w), linear_reference(x, w, None), rtol=1e-4, atol=1e-4)
+    finally:
+        native_cpu.set_isa(native)
+        native_cpu.set_row_block(1)
+    with pytest.raises(RuntimeError, match="rows per tile must be 1 or 4"):
+        native_cpu.set_row_block(3)
+
+
 def test_moe_ffn_skips_and_repeats(native):
     fmt = _fmt("bf16", "silu", 64, 32)
     pages, rows = _pages(fmt), torch.tensor([2, 1])
