@@ -304,13 +304,24 @@ static void tile_int(const TileArgs& a, int64_t r, int nr, int64_t t0) {
     };
     typename V::R sc[RB];
     int64_t k = 0;
-    for (; k + S <= K; k += S) {
-      step(k, false);
-      if (per_step) {
-        for (int i = 0; i < RB; ++i) sc[i] = V::mix(gscale(i, k / G), gscale(i, (k + S / 2) / G));
+    if (!per_step) {  // whole steps per group: no division in the loop
+      const int64_t steps = G / S;
+      for (int64_t g = 0; g < ngroups; ++g) {
+        for (int64_t j = 0; j < steps; ++j, k += S) step(k, false);
+        for (int i = 0; i < RB; ++i) sc[i] = V::set1(gscale(i, g));
         flush(sc);
-      } else if ((k + S) % G == 0) {
-        for (int i = 0; i < RB; ++i) sc[i] = V::set1(gscale(i, k / G));
+      }
+    } else {  // each step's two halves may fall in two groups: follow the group boundaries
+      int64_t g = 0, gend = G;
+      auto group_of = [&](int64_t at) {
+        while (at >= gend) { ++g; gend += G; }
+        return g;
+      };
+      const bool halves = 2 * G == S;  // each half step is one group (32 on AVX512)
+      for (; k + S <= K; k += S) {
+        step(k, false);
+        const int64_t g0 = halves ? 2 * (k / S) : group_of(k), g1 = halves ? g0 + 1 : group_of(k + S / 2);
+        for (int i = 0; i < RB; ++i) sc[i] = V::mix(gscale(i, g0), gscale(i, g1));
         flush(sc);
       }
     }
