@@ -252,5 +252,8 @@ class Int8Linear(nn.Module):
 def cpu_kernel_status() -> dict[str, str]:
     """Which implementation serves each op on CPU, and the ISA this CPU offers (never builds)."""
     impl = native_cpu.status()
-    return {"moe_ffn": impl, "linear": impl, "linear_int8": impl, "rms_norm": impl,
-            "cpu_isa": native_cpu.detect_isa()}
+    out = {"moe_ffn": impl, "linear": impl, "linear_int8": impl, "rms_norm": impl,
+           "cpu_isa": native_cpu.detect_isa()}
+    if native_cpu.isa() == "avx512bf16":  # loaded: which bf16 kernel serves several tokens per weight
+        out["bf16_tokens"] = "vdpbf16ps" if native_cpu.dp_tokens() else "shift+fma"
+    return out

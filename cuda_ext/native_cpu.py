@@ -138,6 +138,19 @@ def set_row_block(rows: int) -> int:
     return int(torch.ops.moepager_cpu.set_row_block(rows))
 
 
+def set_dp_tokens(on: bool) -> bool:
+    """AVX512_BF16: compute bf16 tiles of several tokens with VDPBF16PS (True) or shift + FMA (False)
+    instead of the choice measured at the first call; returns the previous choice."""
+    if not available():
+        raise RuntimeError(f"native CPU kernels are not loaded ({status()})")
+    return bool(torch.ops.moepager_cpu.set_dp_tokens(on))
+
+
+def dp_tokens() -> bool:
+    """Whether bf16 tiles of several tokens use VDPBF16PS (measured once on AVX512_BF16 CPUs)."""
+    return available() and bool(torch.ops.moepager_cpu.dp_tokens())
+
+
 def status() -> str:
     """'native-<isa>', 'reference', 'reference (not built yet)' or 'build failed: <error>'."""
     if _disabled() or detect_isa() == "none":

@@ -30,6 +30,7 @@ struct TileArgs {
   float* out;               // accumulated into
   int64_t ldo;              // out row stride (elements)
   int row_block;            // rows per tile: 1 (each row read front to back) or 4 (4 rows interleaved)
+  bool dp_tokens;           // AVX512_BF16: VDPBF16PS for several tokens too (else from 2 tokens shift + FMA)
 };
 
 using RowsFn = void (*)(const TileArgs&, int64_t r0, int64_t r1);
@@ -39,6 +40,7 @@ struct KernelTable {
   RowsFn rows;
   bool bf16_x;          // wants TileArgs::xb for kBF16 weights
   int int4_span;        // int4: inputs per step; xq is stored in this ISA's nibble order (see quantize_x)
+  bool (*dp_tokens_faster)();  // AVX512_BF16 only: measures whether TileArgs::dp_tokens should be set
 };
 
 // The int kernels multiply int8 / int4 codes by x quantized to int16 with one scale per token

@@ -72,6 +72,8 @@ const KernelTable* table_of(int level) {
 std::atomic<int> g_level{-1};
 // Rows per kernel tile (TileArgs::row_block): 1, or 4 to measure the interleaved-rows loop.
 std::atomic<int> g_row_block{1};
+// VDPBF16PS for multi-token bf16 tiles: -1 = measure on first use (KernelTable::dp_tokens_faster).
+std::atomic<int> g_dp_tokens{-1};
 
 int initial_level() {
   int level = detect_level();
@@ -143,9 +145,25 @@ PageLayout page_layout(int kind, int64_t es, int64_t H, int64_t I, int64_t g, bo
 
 // Rows [0, rows) of one matrix for a list of experts, split across threads by row tiles: every
 // thread reads its share of every expert, so top-k experts at one token keep all cores busy.
+// Whether bf16 tiles of several tokens use VDPBF16PS: measured once, on the first call that could.
+bool dp_tokens(const KernelTable* kt) {
+  if (kt == nullptr || kt->dp_tokens_faster == nullptr) return false;
+  int v = g_dp_tokens.load();
+  if (v < 0) {
+    v = kt->dp_tokens_faster() ? 1 : 0;
+    int expected = -1;
+    if (!g_dp_tokens.compare_exchange_strong(expected, v)) v = expected;
+  }
+  return v == 1;
+}
+
 void run_rows(const KernelTable* kt, std::vector<TileArgs>& jobs, int64_t rows) {
   const int rb = g_row_block.load();
-  for (TileArgs& a : jobs) a.row_block = rb;
+  const bool dp = dp_tokens(kt);
+  for (TileArgs& a : jobs) {
+    a.row_block = rb;
+    a.dp_tokens = dp;
+  }
   const int64_t tiles = (rows + kRowBlock - 1) / kRowBlock;
   at::parallel_for(0, tiles, 1, [&](int64_t b0, int64_t b1) {
     const int64_t r0 = b0 * kRowBlock, r1 = std::min(rows, b1 * kRowBlock);
@@ -500,6 +518,14 @@ int64_t set_row_block(int64_t rows) {
   return g_row_block.exchange(static_cast<int>(rows));
 }
 
+bool set_dp_tokens(bool on) {
+  const bool was = dp_tokens(table());
+  g_dp_tokens.store(on ? 1 : 0);
+  return was;
+}
+
+bool current_dp_tokens() { return dp_tokens(table()); }
+
 std::string current_isa() {
   const KernelTable* kt = table();
   return kt ? kt->name : "none";
@@ -524,6 +550,8 @@ TORCH_LIBRARY(moepager_cpu, m) {
   m.def("set_isa(str name) -> str", &moepager_cpu::set_isa);
   m.def("isa() -> str", &moepager_cpu::current_isa);
   m.def("set_row_block(int rows) -> int", &moepager_cpu::set_row_block);
+  m.def("set_dp_tokens(bool on) -> bool", &moepager_cpu::set_dp_tokens);
+  m.def("dp_tokens() -> bool", &moepager_cpu::current_dp_tokens);
   m.def("detected_isa() -> str", &moepager_cpu::detected_isa);
   m.def("stream_read(Tensor t) -> int", &moepager_cpu::stream_read);
 }

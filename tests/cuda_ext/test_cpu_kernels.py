@@ -204,6 +204,28 @@ def test_moe_ffn_four_row_tiles(native, kind_name):
         native_cpu.set_row_block(3)
 
 
+def test_bf16_tokens_both_kernels(native):
+    """On AVX512_BF16 CPUs bf16 tiles of several tokens run VDPBF16PS or shift + FMA, whichever was
+    measured faster at the first call; both agree with the reference, for experts and linears."""
+    if native != "avx512bf16":
+        pytest.skip("needs AVX512_BF16")
+    measured = native_cpu.dp_tokens()
+    assert cuda_ext.cpu_kernel_status()["bf16_tokens"] == ("vdpbf16ps" if measured else "shift+fma")
+    try:
+        for on in (True, False):
+            native_cpu.set_dp_tokens(on)
+            assert native_cpu.dp_tokens() is on
+            for arch in ARCHS:
+                for H, I, T in ((64, 32, 2), (64, 32, 7), (96, 48, 3), (1024, 1024, 5)):
+                    _check(_fmt("bf16", arch, H, I), ARCHS[arch][3], T, torch.bfloat16, seed=T)
+            for T in (2, 3, 4, 9, 16):
+                x, w = torch.randn(T, 50).bfloat16(), torch.randn(37, 50).bfloat16()
+                torch.testing.assert_close(linear(x, w).float(), linear_reference(x, w, None).float(),
+                                           rtol=2e-2, atol=2e-2)
+    finally:
+        native_cpu.set_dp_tokens(measured)
+
+
 def test_moe_ffn_skips_and_repeats(native):
     fmt = _fmt("bf16", "silu", 64, 32)
     pages, rows = _pages(fmt), torch.tensor([2, 1])
