@@ -222,15 +222,18 @@ def run_case(case: str, path: str, tokens: int, prompt_len: int, dtype: str) -> 
     return result
 
 
-def _cpu_description() -> str:
+def cpu_description() -> str:
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return "unknown"
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown")
-    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    def field(key: str) -> str:
+        return next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.split(":", 1)[0].strip() == key), "?")
+
+    flags = set(field("flags").split())
     isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16") if f in flags]
-    return f"{name} ({' '.join(isa)})"
+    # "AMD EPYC" alone does not tell Zen 3 from Zen 4: family and model do
+    return f"{field('model name')}, family {field('cpu family')} model {field('model')} ({' '.join(isa)})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{gbs if gbs else float('nan'):>6.1f} {gbs / bandwidth if gbs else float('nan'):>6.2f} "
               f"{r.get('hit_rate', float('nan')):>9.3f} "
               f"{r.get('stall_seconds_per_token', float('nan')) * 1e3:>13.2f}")
-    report = {"read_bandwidth_GBps": bandwidth, "cpu": _cpu_description(),"shape": SHAPES[shape_name], "dtype": args.dtype, "tokens": args.tokens, "prompt_len": args.prompt_len,
+    report = {"read_bandwidth_GBps": bandwidth, "cpu": cpu_description(), "shape": SHAPES[shape_name], "dtype": args.dtype, "tokens": args.tokens, "prompt_len": args.prompt_len,
                   "results": results, "machine": os.uname().nodename, "cpus": os.cpu_count(),
                   "date": time.strftime("%Y-%m-%d"), "omp_spin": args.omp_spin, "busy_processes": args.busy, "command": "python -m bench.decode " + " ".join(sys.argv[1:])}
     if args.out:

@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from bench.decode import cpu_description
 from cuda_ext import PageFormat, linear, linear_int8, moe_ffn, native_cpu
 from cuda_ext.pages import quantize_int8
 
@@ -71,6 +71,14 @@ def four_row_tiles(make: Callable[[], tuple]) -> Callable[[], tuple]:
                 native_cpu.set_row_block(prev)
         return call4, nbytes
     return made
+
+
+def onednn_bf16() -> bool:
+    """oneDNN's prepacked bf16 linear runs only where it has a bf16 path (AVX512-BW/VL/DQ or
+    AVX-NE-CONVERT); on AVX2-only CPUs its reorder raises, so the method is left out."""
+    ops = torch.ops.mkldnn
+    return (hasattr(ops, "_linear_pointwise") and torch.backends.mkldnn.is_available()
+            and bool(ops._is_mkldnn_bf16_supported()))
 
 
 def moe_methods(T: int, span: float) -> dict[str, tuple[Callable[[int], object], Callable[[int], int]]]:
@@ -127,7 +135,7 @@ def moe_methods(T: int, span: float) -> dict[str, tuple[Callable[[int], object],
 
     out["torch bf16"] = lambda: module_loop(torch.bfloat16, False)
     out["torch fp32"] = lambda: module_loop(torch.float32, False)
-    if hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available():
+    if onednn_bf16():
         out["oneDNN bf16 prepacked"] = lambda: module_loop(torch.bfloat16, True)
     out["native bf16"] = lambda: native("float", torch.bfloat16, 0)
     out["native int8"] = lambda: native("int8", torch.bfloat16, 0)
@@ -172,7 +180,7 @@ def dense_methods(T: int, out_features: int, span: float):
         return call, lambda i: out_features * (H + 4)
 
     methods = {"torch bf16": lambda: make(torch.bfloat16, "torch"), "torch fp32": lambda: make(torch.float32, "torch")}
-    if hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available():
+    if onednn_bf16():
         methods["oneDNN bf16 prepacked"] = lambda: make(torch.bfloat16, "onednn")
     methods["native bf16"] = lambda: make(torch.bfloat16, "native")
     methods["native fp32"] = lambda: make(torch.float32, "native")
@@ -231,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                 measure("dense", f"{out_features}x{H}", T, dense_methods(T, out_features, args.span_gb))
 
     if args.out:
-        meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor(),
+        meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": cpu_description(),
                 "torch": torch.__version__, "native": native_cpu.status(),
                 "read_bandwidth_GBps": {str(k): v for k, v in bandwidth.items()}}
         with open(args.out, "w") as f:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench.decode import SHAPES, _cpu_description, build_checkpoint
+from bench.decode import SHAPES, build_checkpoint, cpu_description
 
 
 def decode_ms_per_token(eng, prompt: list[int], tokens: int) -> float:
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             generation.growing_cache = growing
     if args.out:
-        report = {"cpu": _cpu_description(), "threads": torch.get_num_threads(), "shape": SHAPES[shape_name],
+        report = {"cpu": cpu_description(), "threads": torch.get_num_threads(), "shape": SHAPES[shape_name],
                   "dtype": str(dtype), "tokens": args.tokens, "repeat": args.repeat, "rows": rows,
                   "date": time.strftime("%Y-%m-%d")}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

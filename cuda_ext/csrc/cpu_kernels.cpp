@@ -57,10 +57,10 @@ namespace avx512bf16 {
 #undef MP_AVX512
 
 // bf16 weights x bf16 activations with VDPBF16PS: 32 multiply-adds per instruction, fp32 sums.
-// x is rounded to bf16 first, as the reference casts x to the weights' dtype. Used for one token
-// only: measured on a Xeon with AVX512_BF16, from two tokens per tile on the shift-to-fp32 + FMA
-// kernel was faster (VDPBF16PS issues at a fraction of the FMA rate there), at one token both read
-// the weights faster than memory delivers them.
+// x is rounded to bf16 first, as the reference casts x to the weights' dtype. Always used for one
+// token; for several tokens only where dp_tokens_faster() measured it faster than the
+// shift-to-fp32 + FMA kernel (on a Xeon VDPBF16PS issued at a fraction of the FMA rate and lost
+// from two tokens on; on an AMD Zen 4 it won).
 // RB rows x TB tokens, U accumulators per (row, token) over consecutive 32-input vectors (see tile
 // in cpu_kernels_impl.h for why one row at a time).
 template <int TB, int RB, int U>
