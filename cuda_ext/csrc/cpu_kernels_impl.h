@@ -305,9 +305,10 @@ static void tile_int(const TileArgs& a, int64_t r, int nr, int64_t t0) {
     typename V::R sc[RB];
     int64_t k = 0;
     if (!per_step) {  // whole steps per group: no division in the loop
-      const int64_t steps = G / S;
-      for (int64_t g = 0; g < ngroups; ++g) {
-        for (int64_t j = 0; j < steps; ++j, k += S) step(k, false);
+      for (int64_t g = 0; g < ngroups; ++g, k += G) {
+        // a fresh counter: k itself lives across the flush and the scale loads, and GCC kept it on
+        // the stack, a store and a load in every step's dependency chain
+        for (int64_t kk = k, kend = k + G; kk < kend; kk += S) step(kk, false);
         for (int i = 0; i < RB; ++i) sc[i] = V::set1(gscale(i, g));
         flush(sc);
       }
