@@ -29,7 +29,7 @@ struct TileArgs {
   const float* wt;          // [n] weight of each token, nullptr = 1
   float* out;               // accumulated into
   int64_t ldo;              // out row stride (elements)
-  int row_block;            // rows per tile: 1 (each row read front to back) or 4 (4 rows interleaved)
+  int row_block;            // 1: each row read front to back (int4: 2 adjacent rows), or 4 (4 rows interleaved)
   bool dp_tokens;           // AVX512_BF16: VDPBF16PS for several tokens too (else from 2 tokens shift + FMA)
 };
 
