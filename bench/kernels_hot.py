@@ -18,6 +18,7 @@ import time
 import torch
 
 from bench.decode import cpu_description
+from bench.kernels import timeit
 from cuda_ext import PageFormat, moe_ffn, native_cpu
 
 H, I = 1024, 256
@@ -35,11 +36,7 @@ def best_call_us(kind: str, group: int, T: int, calls: int) -> float:
     w = torch.ones(T, 1)
     for _ in range(50):
         moe_ffn(x, pages, rows, idx, w, fmt, "silu")
-    best = float("inf")
-    for _ in range(calls):
-        t = time.perf_counter()
-        moe_ffn(x, pages, rows, idx, w, fmt, "silu")
-        best = min(best, time.perf_counter() - t)
+    best, _ = timeit(lambda i: moe_ffn(x, pages, rows, idx, w, fmt, "silu"), min_time=0.0, min_reps=calls)
     return best * 1e6
 
 
