@@ -1,13 +1,20 @@
-"""Decode speed against context length: the in-place KV layers against transformers' DynamicCache.
+"""Decode speed against context length: two ways of handling the context, on one engine.
 
+``--compare cache`` (default): the in-place KV layers against transformers' DynamicCache.
 transformers' ``DynamicLayer`` concatenates each layer's keys and values at every decode step,
 so a token copies (into fresh memory) the whole cache of every layer; moepager's
-``GrowingLayer`` writes the new position in place. Both run on one engine in one process
-(the concatenating cache by swapping ``engine.generation.growing_cache`` for
-``DynamicCache``), alternating, so the machine's drift hits both alike; each context length
-reports the best of ``--repeat`` decodes per cache.
+``GrowingLayer`` writes the new position in place (the concatenating cache runs by swapping
+``engine.generation.growing_cache`` for ``DynamicCache``).
+
+``--compare attention``: the native decode attention (``engine.attention``) against
+transformers' SDPA (torch's CPU flash-attention kernel), by switching the model's attention
+implementation between the two names.
+
+Both variants run on one engine in one process, alternating, so the machine's drift hits both
+alike; each context length reports the best of ``--repeat`` decodes per variant.
 
     python -m bench.long_context --out bench/results/long_context.json   # the decode.py checkpoint
+    python -m bench.long_context --compare attention --out bench/results/long_context_attention.json
     python -m bench.long_context --small --contexts 16,512                # quick check
 """
 
@@ -41,11 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--contexts", default="16,1024,2048,3968", help="prompt lengths (tokens)")
     ap.add_argument("--tokens", type=int, default=16, help="decode tokens per run")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--compare", choices=("cache", "attention"), default="cache",
+                    help="in-place KV layers vs DynamicCache, or native decode attention vs SDPA")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     from transformers import DynamicCache
 
-    from engine import Engine, generation
+    from engine import Engine, attention, generation
 
     shape_name = "small" if args.small else "olmoe"
     dtype = torch.float32 if args.small else torch.bfloat16
@@ -63,30 +72,41 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--contexts: {max(contexts)} + --tokens {args.tokens} exceeds the model's {limit} positions")
     build_checkpoint(path, SHAPES[shape_name], dtype)
     growing = generation.growing_cache
-    caches = {"in place": growing, "concatenate": lambda config: DynamicCache(config=config)}
+    if args.compare == "cache":
+        names = ("in place", "concatenate")
+        setups = {"in place": lambda eng: setattr(generation, "growing_cache", growing),
+                  "concatenate": lambda eng: setattr(generation, "growing_cache",
+                                                     lambda config: DynamicCache(config=config))}
+    else:
+        names = ("native", "sdpa")
+        setups = {"native": lambda eng: eng.model.set_attn_implementation(attention.NAME),
+                  "sdpa": lambda eng: eng.model.set_attn_implementation("sdpa")}
+    keys = [f"{name.replace(' ', '_')}_ms_per_token" for name in names]
     rows = []
-    print(f"{'context':>8} {'in place ms/tok':>16} {'concatenate ms/tok':>19} {'speedup':>8}", flush=True)
+    print(f"{'context':>8} {names[0] + ' ms/tok':>16} {names[1] + ' ms/tok':>19} {'speedup':>8}", flush=True)
     with Engine.from_pretrained(str(path), device="cpu", progress=False) as eng:
+        if args.compare == "attention" and eng.kernels().get("decode_attention") != "native":
+            ap.error("--compare attention: this engine does not run the native decode attention "
+                     f"({eng.kernels().get('decode_attention')})")
         gen = torch.Generator().manual_seed(0)
         try:
             for n in contexts:
                 prompt = torch.randint(10, 1000, (n,), generator=gen).tolist()
-                best = {name: float("inf") for name in caches}
+                best = {name: float("inf") for name in names}
                 for _ in range(args.repeat):
-                    for name, factory in caches.items():
-                        generation.growing_cache = factory
+                    for name in names:
+                        setups[name](eng)
                         best[name] = min(best[name], decode_ms_per_token(eng, prompt, args.tokens))
-                row = {"context": n, "in_place_ms_per_token": best["in place"],
-                       "concatenate_ms_per_token": best["concatenate"],
-                       "speedup": best["concatenate"] / best["in place"]}
+                row = {"context": n, keys[0]: best[names[0]], keys[1]: best[names[1]],
+                       "speedup": best[names[1]] / best[names[0]]}
                 rows.append(row)
-                print(f"{n:8d} {row['in_place_ms_per_token']:16.1f} {row['concatenate_ms_per_token']:19.1f} "
-                      f"{row['speedup']:7.2f}x", flush=True)
+                print(f"{n:8d} {row[keys[0]]:16.1f} {row[keys[1]]:19.1f} {row['speedup']:7.2f}x", flush=True)
         finally:
             generation.growing_cache = growing
+            setups[names[0]](eng)
     if args.out:
         report = {"cpu": cpu_description(), "threads": torch.get_num_threads(), "shape": SHAPES[shape_name],
-                  "dtype": str(dtype), "tokens": args.tokens, "repeat": args.repeat, "rows": rows,
+                  "dtype": str(dtype), "compare": args.compare, "tokens": args.tokens, "repeat": args.repeat, "rows": rows,
                   "date": time.strftime("%Y-%m-%d")}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))

@@ -13,6 +13,7 @@ dense layers at small T (``linear_int8`` / ``Int8Linear`` with int8 dense weight
 override their torch references for CPU tensors once built.
 """
 
+from cuda_ext.attention import attention, attention_reference
 from cuda_ext.cpu import (
     Int8Linear,
     NativeLinear,
@@ -38,6 +39,27 @@ from cuda_ext.ops import (
 )
 from cuda_ext.pages import PageFormat
 
-__all__ = ["MAX_NATIVE_TOKENS", "Int8Linear", "NativeLinear", "NativeRMSNorm", "PageFormat", "cpu_kernel_status", "expert_ffn",
-           "expert_ffn_reference", "expert_ffn_silu_reference", "linear", "linear_int8", "linear_int8_reference", "linear_reference", "moe_ffn",
-           "moe_ffn_reference", "native_status", "rms_norm", "rms_norm_reference", "select_expert_ffn", "silu_layout"]
+__all__ = [
+    "MAX_NATIVE_TOKENS",
+    "Int8Linear",
+    "NativeLinear",
+    "NativeRMSNorm",
+    "PageFormat",
+    "attention",
+    "attention_reference",
+    "cpu_kernel_status",
+    "expert_ffn",
+    "expert_ffn_reference",
+    "expert_ffn_silu_reference",
+    "linear",
+    "linear_int8",
+    "linear_int8_reference",
+    "linear_reference",
+    "moe_ffn",
+    "moe_ffn_reference",
+    "native_status",
+    "rms_norm",
+    "rms_norm_reference",
+    "select_expert_ffn",
+    "silu_layout",
+]

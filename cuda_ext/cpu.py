@@ -201,12 +201,19 @@ class NativeLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.weight = weight
         self.bias = bias
+        self.group = None  # a cuda_ext.linear_group.LinearGroup this layer belongs to
+        self.group_index = -1
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> NativeLinear:
         return cls(lin.weight, lin.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.group
+        if g is not None and g.active:
+            y = g.output(self.group_index, x)
+            if y is not None:
+                return y
         return linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -224,6 +231,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", qweight)  # int8 [out, in]
         self.register_buffer("scales", scales)  # fp32 [out]
         self.bias = bias
+        self.group = None  # a cuda_ext.linear_group.LinearGroup this layer belongs to
+        self.group_index = -1
 
     @classmethod
     def from_linear(cls, lin: nn.Module, chunk_rows: int = 4096) -> Int8Linear:
@@ -243,6 +252,11 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
             return linear_int8_reference(x, self.qweight, self.scales, self.bias)  # the op has no backward
+        g = self.group
+        if g is not None and g.active:
+            y = g.output(self.group_index, x)
+            if y is not None:
+                return y
         return linear_int8(x, self.qweight, self.scales, self.bias)
 
     def extra_repr(self) -> str:

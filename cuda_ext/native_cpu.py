@@ -95,7 +95,8 @@ def build(progress: Callable[[str], None] | None = None, verbose: bool = False) 
         try:
             from torch.utils.cpp_extension import load
 
-            import cuda_ext.cpu  # noqa: F401 - the op schemas must exist before the CPU kernels register
+            import cuda_ext.attention
+            import cuda_ext.cpu  # noqa: F401
 
             if progress is not None and not _cached():
                 progress(f"building moepager CPU kernels (first start only, ~{BUILD_SECONDS} s)...")

@@ -23,7 +23,7 @@ namespace avx2 {
 #undef MP_AVX2
 }  // namespace avx2
 const KernelTable* table_avx2() {
-  static const KernelTable t{"avx2", &avx2::rows_any, false, 32, nullptr};
+  static const KernelTable t{"avx2", &avx2::rows_any, false, 32, nullptr, &avx2::attn_task};
   return &t;
 }
 }  // namespace moepager_cpu
@@ -38,7 +38,7 @@ namespace avx512 {
 #undef MP_AVX512
 }  // namespace avx512
 const KernelTable* table_avx512() {
-  static const KernelTable t{"avx512", &avx512::rows_any, false, 64, nullptr};
+  static const KernelTable t{"avx512", &avx512::rows_any, false, 64, nullptr, &avx512::attn_task};
   return &t;
 }
 }  // namespace moepager_cpu
@@ -161,7 +161,8 @@ static bool dp_tokens_faster() {
 }
 }  // namespace avx512bf16
 const KernelTable* table_avx512bf16() {
-  static const KernelTable t{"avx512bf16", &avx512bf16::rows_dispatch, true, 64, &avx512bf16::dp_tokens_faster};
+  static const KernelTable t{"avx512bf16", &avx512bf16::rows_dispatch, true, 64, &avx512bf16::dp_tokens_faster,
+                             &avx512bf16::attn_task};
   return &t;
 }
 }  // namespace moepager_cpu

@@ -30,10 +30,29 @@ struct TileArgs {
   float* out;               // accumulated into
   int64_t ldo;              // out row stride (elements)
   int row_block;            // 1: each row read front to back (int4: 2 adjacent rows), or 4 (4 rows interleaved)
+  int64_t nta_ahead;        // >0: prefetch the weight stream this many bytes ahead with the NTA hint
   bool dp_tokens;           // AVX512_BF16: VDPBF16PS for several tokens too (else from 2 tokens shift + FMA)
 };
 
 using RowsFn = void (*)(const TileArgs&, int64_t r0, int64_t r1);
+
+// Attention of a few query tokens over a KV cache (decode): out[b, t, h, :] = softmax(q . K^T + mask) V
+// for the query heads h of one (batch row, KV head) per task; fp32 scores and sums.
+struct AttnArgs {
+  const float* q;           // [B, Hq, Tq, Dk] fp32 contiguous, already multiplied by the scale
+  const uint8_t* k;         // element (b, g, j, d) at k + es * (b * k_sb + g * k_sh + j * k_sj + d)
+  const uint8_t* v;         // likewise with v_* strides, Dv wide
+  int kind;                 // Kind of k and v (kF32, kBF16, kF16)
+  int64_t k_sb, k_sh, k_sj, v_sb, v_sh, v_sj;  // element strides
+  const void* mask;         // nullptr, or element (b, h, t, j) at m_sb, m_sh, m_st, m_sj (0 = broadcast)
+  int mask_kind;            // 0 none, 1 bool (true: attend), 2 fp32, 3 bf16, 4 fp16 (added to the scores)
+  int64_t m_sb, m_sh, m_st, m_sj;
+  int64_t B, Hq, Hkv, Tq, L, Dk, Dv;
+  float scale;              // multiplies q . k
+  float* out;               // [B, Tq, Hq, Dv] fp32
+};
+
+using AttnFn = void (*)(const AttnArgs&, int64_t task);  // task = b * Hkv + g
 
 struct KernelTable {
   const char* name;     // "avx512bf16", "avx512", "avx2"
@@ -41,6 +60,7 @@ struct KernelTable {
   bool bf16_x;          // wants TileArgs::xb for kBF16 weights
   int int4_span;        // int4: inputs per step; xq is stored in this ISA's nibble order (see quantize_x)
   bool (*dp_tokens_faster)();  // AVX512_BF16 only: measures whether TileArgs::dp_tokens should be set
+  AttnFn attn;
 };
 
 // The int kernels multiply int8 / int4 codes by x quantized to int16 with one scale per token

@@ -15,6 +15,7 @@ struct V {
   static inline R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static inline R add(R a, R b) { return _mm512_add_ps(a, b); }
   static inline R ldx(const float* p) { return _mm512_loadu_ps(p); }
+  static inline void st(float* p, R a) { _mm512_storeu_ps(p, a); }
   static inline R ld_f32(const uint8_t* p) { return _mm512_loadu_ps(reinterpret_cast<const float*>(p)); }
   static inline R ld_bf16(const uint8_t* p) {
     __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -69,6 +70,7 @@ struct V {
   static inline R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static inline R add(R a, R b) { return _mm256_add_ps(a, b); }
   static inline R ldx(const float* p) { return _mm256_loadu_ps(p); }
+  static inline void st(float* p, R a) { _mm256_storeu_ps(p, a); }
   static inline R ld_f32(const uint8_t* p) { return _mm256_loadu_ps(reinterpret_cast<const float*>(p)); }
   static inline R ld_bf16(const uint8_t* p) {
     __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -163,9 +165,15 @@ static inline int64_t tile_row(int64_t r, int nr, int i) { return r + (i < nr ? 
 // read. STEP: bytes of each row one loop step reads; one prefetch per 64-byte line.
 constexpr int64_t kPrefetchBytes = 16384;
 template <int64_t STEP, int RB>
-static inline void prefetch_rows(const uint8_t* const (&wp)[RB], int64_t byte_off) {
+static inline void prefetch_rows(const uint8_t* const (&wp)[RB], int64_t byte_off, int64_t nta = 0) {
   // one sequential stream (1 row, or int4's 2 adjacent rows): the hardware prefetchers keep up alone
-  if constexpr (RB <= 2) return;
+  if constexpr (RB <= 2) {
+    if (nta > 0 && (STEP >= 64 || (byte_off & 63) == 0))
+      for (int i = 0; i < RB; ++i)
+        for (int64_t off = 0; off < (STEP < 64 ? 1 : STEP / 64); ++off)
+          _mm_prefetch(reinterpret_cast<const char*>(wp[i] + byte_off) + nta + 64 * off, _MM_HINT_NTA);
+    return;
+  }
   if (STEP < 64 && (byte_off & 63) != 0) return;
   for (int i = 0; i < RB; ++i)
     for (int64_t off = 0; off < (STEP < 64 ? 1 : STEP / 64); ++off)
@@ -201,7 +209,7 @@ static void tile(const TileArgs& a, int64_t r, int nr, int64_t t0) {
   float sums[RB][TB];
   int64_t k = 0;
   for (; k + U * V::N <= K; k += U * V::N) {
-    prefetch_rows<row_offset_bytes<KIND>(U * V::N), RB>(wp, row_offset_bytes<KIND>(k));
+    prefetch_rows<row_offset_bytes<KIND>(U * V::N), RB>(wp, row_offset_bytes<KIND>(k), a.nta_ahead);
     for (int u = 0; u < U; ++u) step(k + u * V::N, u);
   }
   for (; k + V::N <= K; k += V::N) step(k, 0);
@@ -264,12 +272,12 @@ static void tile_int(const TileArgs& a, int64_t r, int nr, int64_t t0) {
     while (k < KV) {
       const int64_t end = std::min(KV, k + kFlush);
       for (; k + 2 * V::NW <= end; k += 2 * V::NW) {
-        prefetch_rows<2 * V::NW, RB>(wp, k);
+        prefetch_rows<2 * V::NW, RB>(wp, k, a.nta_ahead);
         step8(k, iacc);
         step8(k + V::NW, iacc2);
       }
       for (; k < end; k += V::NW) {
-        prefetch_rows<V::NW, RB>(wp, k);
+        prefetch_rows<V::NW, RB>(wp, k, a.nta_ahead);
         step8(k, iacc);
       }
       flush(one);
@@ -293,7 +301,7 @@ static void tile_int(const TileArgs& a, int64_t r, int nr, int64_t t0) {
         if (half) V::ld_i4w_half(wp[i] + k / 2, lo[i], hi[i]);
         else V::ld_i4w(wp[i] + k / 2, lo[i], hi[i]);
       }
-      prefetch_rows<S / 2, RB>(wp, k / 2);
+      prefetch_rows<S / 2, RB>(wp, k / 2, a.nta_ahead);
       for (int t = 0; t < TB; ++t) {
         const typename V::I x0 = half ? V::ld_xq_half(xp[t] + k) : V::ld_xq(xp[t] + k);
         const typename V::I x1 = half ? V::ld_xq_half(xp[t] + k + 16) : V::ld_xq(xp[t] + k + S / 2);
@@ -381,6 +389,90 @@ static void rows_any(const TileArgs& a, int64_t r0, int64_t r1) {
     case kF16: rows_kind<kF16>(a, r0, r1); break;
     case kI8: rows_kind<kI8>(a, r0, r1); break;
     case kI4: rows_kind<kI4>(a, r0, r1); break;
+    default: break;
+  }
+}
+
+// -- attention of a few query tokens over a KV cache (AttnArgs) ---------------------------------
+// One task is one (batch row, KV head): its keys and values are read once, for every query head
+// of its group and every query token. Pass 1 writes each query's scores over all L keys, then a
+// softmax in place (fp32, std::exp), then pass 2 sums the weighted values. A row with every key
+// masked gives zeros (its output is padding's, and NaN must not reach the residual stream).
+template <int KIND>
+static void attn_kind(const AttnArgs& a, int64_t task) {
+  const int64_t b = task / a.Hkv, g = task % a.Hkv;
+  const int64_t G = a.Hq / a.Hkv, nq = G * a.Tq, L = a.L, Dk = a.Dk, Dv = a.Dv;
+  constexpr int64_t es = KIND == kF32 ? 4 : 2;
+  const uint8_t* kb = a.k + es * (b * a.k_sb + g * a.k_sh);
+  const uint8_t* vb = a.v + es * (b * a.v_sb + g * a.v_sh);
+  const float* q0 = a.q + (b * a.Hq + g * G) * a.Tq * Dk;  // the group's nq query rows, head-major
+  std::vector<float> s(static_cast<size_t>(nq * L)), inv(static_cast<size_t>(nq));
+  const int64_t DkV = Dk / (2 * V::N) * (2 * V::N), DvV = Dv / V::N * V::N;
+  for (int64_t j = 0; j < L; ++j) {
+    const uint8_t* kj = kb + es * j * a.k_sj;
+    for (int64_t qi = 0; qi < nq; ++qi) {
+      const float* qp = q0 + qi * Dk;
+      typename V::R c0 = V::zero(), c1 = V::zero();
+      int64_t d = 0;
+      for (; d < DkV; d += 2 * V::N) {
+        c0 = V::fma(ldw<KIND>(kj, d), V::ldx(qp + d), c0);
+        c1 = V::fma(ldw<KIND>(kj, d + V::N), V::ldx(qp + d + V::N), c1);
+      }
+      float dot = V::sum(V::add(c0, c1));
+      for (; d < Dk; ++d) dot += wscalar<KIND>(kj, d) * qp[d];
+      s[qi * L + j] = dot * a.scale;
+    }
+  }
+  for (int64_t qi = 0; qi < nq; ++qi) {
+    const int64_t h = g * G + qi / a.Tq, t = qi % a.Tq;
+    float* sp = s.data() + qi * L;
+    if (a.mask_kind != 0) {
+      const int64_t mo = b * a.m_sb + h * a.m_sh + t * a.m_st;
+      for (int64_t j = 0; j < L; ++j) {
+        const int64_t at = mo + j * a.m_sj;
+        switch (a.mask_kind) {
+          case 1: if (!static_cast<const bool*>(a.mask)[at]) sp[j] = -INFINITY; break;
+          case 2: sp[j] += static_cast<const float*>(a.mask)[at]; break;
+          case 3: sp[j] += ld_scalar(a.mask, kSBF16, at); break;
+          default: sp[j] += ld_scalar(a.mask, kSF16, at); break;
+        }
+      }
+    }
+    float m = -INFINITY;
+    for (int64_t j = 0; j < L; ++j) m = std::max(m, sp[j]);
+    float sum = 0.0f;
+    for (int64_t j = 0; j < L; ++j) {
+      const float e = sp[j] == -INFINITY ? 0.0f : std::exp(sp[j] - m);
+      sp[j] = e;
+      sum += e;
+    }
+    inv[qi] = sum > 0.0f ? 1.0f / sum : 0.0f;
+  }
+  std::vector<float> acc(static_cast<size_t>(nq * Dv), 0.0f);
+  for (int64_t j = 0; j < L; ++j) {
+    const uint8_t* vj = vb + es * j * a.v_sj;
+    for (int64_t qi = 0; qi < nq; ++qi) {
+      const float p = s[qi * L + j];
+      if (p == 0.0f) continue;
+      float* ap = acc.data() + qi * Dv;
+      const typename V::R pv = V::set1(p);
+      int64_t d = 0;
+      for (; d < DvV; d += V::N) V::st(ap + d, V::fma(ldw<KIND>(vj, d), pv, V::ldx(ap + d)));
+      for (; d < Dv; ++d) ap[d] += p * wscalar<KIND>(vj, d);
+    }
+  }
+  for (int64_t qi = 0; qi < nq; ++qi) {
+    const int64_t h = g * G + qi / a.Tq, t = qi % a.Tq;
+    float* op = a.out + ((b * a.Tq + t) * a.Hq + h) * Dv;
+    for (int64_t d = 0; d < Dv; ++d) op[d] = acc[qi * Dv + d] * inv[qi];
+  }
+}
+
+static void attn_task(const AttnArgs& a, int64_t task) {
+  switch (a.kind) {
+    case kF32: attn_kind<kF32>(a, task); break;
+    case kBF16: attn_kind<kBF16>(a, task); break;
+    case kF16: attn_kind<kF16>(a, task); break;
     default: break;
   }
 }

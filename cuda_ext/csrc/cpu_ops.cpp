@@ -74,6 +74,7 @@ std::atomic<int> g_level{-1};
 std::atomic<int> g_row_block{1};
 // VDPBF16PS for multi-token bf16 tiles: -1 = measure on first use (KernelTable::dp_tokens_faster).
 std::atomic<int> g_dp_tokens{-1};
+std::atomic<int64_t> g_nta_ahead{0};
 
 int initial_level() {
   int level = detect_level();
@@ -160,8 +161,10 @@ bool dp_tokens(const KernelTable* kt) {
 void run_rows(const KernelTable* kt, std::vector<TileArgs>& jobs, int64_t rows) {
   const int rb = g_row_block.load();
   const bool dp = dp_tokens(kt);
+  const int64_t nta = g_nta_ahead.load();
   for (TileArgs& a : jobs) {
     a.row_block = rb;
+    a.nta_ahead = nta;
     a.dp_tokens = dp;
   }
   const int64_t tiles = (rows + kRowBlock - 1) / kRowBlock;
@@ -421,6 +424,59 @@ at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
   return out.to(x.scalar_type());
 }
 
+// Attention of Tq query tokens over a KV cache (cuda_ext/attention.py attention_reference is the
+// ground truth): q [B, Hq, Tq, Dk], k [B, Hkv, L, Dk], v [B, Hkv, L, Dv] (any strides with a unit
+// last one: the cache's prefix views are read in place), mask None or [1|B, 1|Hq, Tq, L] bool
+// (true: attend) or float (added). Returns [B, Tq, Hq, Dv] in q's dtype: the layout transformers'
+// attention functions hand back. Tasks are (batch row, KV head), split across threads.
+at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const c10::optional<at::Tensor>& mask, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: q, k, v must be 4-D [B, H, T, D]");
+  const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), Dk = q.size(3);
+  const int64_t Hkv = k.size(1), L = k.size(2), Dv = v.size(3);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && v.size(2) == L && k.size(3) == Dk,
+              "attention: k ", k.sizes(), " and v ", v.sizes(), " do not match q ", q.sizes());
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "attention: query heads ", Hq, " are not a multiple of KV heads ", Hkv);
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "attention: k and v dtypes differ");
+  const auto dt = k.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "attention: k/v dtype must be float32, "
+              "bfloat16 or float16, got ", dt);
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "attention: k and v need a unit stride in the last dim");
+  const KernelTable* kt = table();
+  TORCH_CHECK(kt != nullptr, "attention: the native kernels need at least avx2");
+  at::Tensor out = at::empty({B, Tq, Hq, Dv}, q.options().dtype(at::kFloat));
+  if (B == 0 || Tq == 0 || Hq == 0) return out.to(q.scalar_type());
+  const at::Tensor qf = q.to(at::kFloat).contiguous();
+  AttnArgs a{};
+  a.q = qf.data_ptr<float>();
+  a.k = static_cast<const uint8_t*>(k.data_ptr());
+  a.v = static_cast<const uint8_t*>(v.data_ptr());
+  a.kind = dt == at::kFloat ? kF32 : dt == at::kBFloat16 ? kBF16 : kF16;
+  a.k_sb = k.stride(0); a.k_sh = k.stride(1); a.k_sj = k.stride(2);
+  a.v_sb = v.stride(0); a.v_sh = v.stride(1); a.v_sj = v.stride(2);
+  at::Tensor m;
+  if (mask.has_value()) {
+    m = *mask;
+    TORCH_CHECK(m.dim() == 4 && (m.size(0) == 1 || m.size(0) == B) && (m.size(1) == 1 || m.size(1) == Hq) &&
+                m.size(2) == Tq && m.size(3) == L, "attention: mask must be [1|B, 1|Hq, Tq, L], got ", m.sizes());
+    const auto mt = m.scalar_type();
+    TORCH_CHECK(mt == at::kBool || mt == at::kFloat || mt == at::kBFloat16 || mt == at::kHalf,
+                "attention: mask dtype must be bool or float, got ", mt);
+    a.mask = m.data_ptr();
+    a.mask_kind = mt == at::kBool ? 1 : mt == at::kFloat ? 2 : mt == at::kBFloat16 ? 3 : 4;
+    a.m_sb = m.size(0) == 1 ? 0 : m.stride(0);
+    a.m_sh = m.size(1) == 1 ? 0 : m.stride(1);
+    a.m_st = m.stride(2); a.m_sj = m.stride(3);
+  }
+  a.B = B; a.Hq = Hq; a.Hkv = Hkv; a.Tq = Tq; a.L = L; a.Dk = Dk; a.Dv = Dv;
+  a.scale = static_cast<float>(scale);
+  a.out = out.data_ptr<float>();
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) kt->attn(a, t);
+  });
+  return out.to(q.scalar_type());
+}
+
 // RMSNorm over the last dim, in fp32, with the modules' roundings (cuda_ext/cpu.py
 // rms_norm_reference is the ground truth): mode 0 (Llama-style) rounds the normalised row to x's
 // dtype, then multiplies by the weight in the promoted dtype; mode 1 (GPT-OSS) multiplies in fp32
@@ -518,6 +574,11 @@ int64_t set_row_block(int64_t rows) {
   return g_row_block.exchange(static_cast<int>(rows));
 }
 
+int64_t set_nta_ahead(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0 && bytes % 64 == 0, "set_nta_ahead: a non-negative multiple of 64 bytes, got ", bytes);
+  return g_nta_ahead.exchange(bytes);
+}
+
 bool set_dp_tokens(bool on) {
   const bool was = dp_tokens(table());
   g_dp_tokens.store(on ? 1 : 0);
@@ -544,6 +605,7 @@ TORCH_LIBRARY_IMPL(moepager, CPU, m) {
   m.impl("linear", &moepager_cpu::linear_cpu);
   m.impl("linear_int8", &moepager_cpu::linear_int8_cpu);
   m.impl("rms_norm", &moepager_cpu::rms_norm_cpu);
+  m.impl("attention", &moepager_cpu::attention_cpu);
 }
 
 TORCH_LIBRARY(moepager_cpu, m) {
@@ -551,6 +613,7 @@ TORCH_LIBRARY(moepager_cpu, m) {
   m.def("isa() -> str", &moepager_cpu::current_isa);
   m.def("set_row_block(int rows) -> int", &moepager_cpu::set_row_block);
   m.def("set_dp_tokens(bool on) -> bool", &moepager_cpu::set_dp_tokens);
+  m.def("set_nta_ahead(int bytes) -> int", &moepager_cpu::set_nta_ahead);
   m.def("dp_tokens() -> bool", &moepager_cpu::current_dp_tokens);
   m.def("detected_isa() -> str", &moepager_cpu::detected_isa);
   m.def("stream_read(Tensor t) -> int", &moepager_cpu::stream_read);

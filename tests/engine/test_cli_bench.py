@@ -48,6 +48,23 @@ def test_bench_long_context_runs_both_caches_and_writes_json(tmp_path, capsys):
     assert generation.growing_cache is growing_cache
 
 
+def test_bench_long_context_compares_attention_and_restores_native(tmp_path, capsys):
+    from cuda_ext import native_cpu
+
+    if not native_cpu.available():
+        pytest.skip(f"native CPU kernels unavailable: {native_cpu.status()}")
+    out = tmp_path / "attn.json"
+    rc = main(["bench", "long-context", "--small", "--compare", "attention", "--model-dir", str(tmp_path / "model"),
+               "--contexts", "8,120", "--tokens", "3", "--repeat", "1", "--out", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["compare"] == "attention"
+    for r in report["rows"]:
+        assert r["native_ms_per_token"] > 0 and r["sdpa_ms_per_token"] > 0
+        assert r["speedup"] == r["sdpa_ms_per_token"] / r["native_ms_per_token"]
+    assert "native ms/tok" in capsys.readouterr().out
+
+
 def test_bench_long_context_rejects_contexts_past_the_model(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "long-context", "--small", "--model-dir", str(tmp_path / "model"), "--contexts", "5000"])
