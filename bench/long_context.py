@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     keys = [f"{name.replace(' ', '_')}_ms_per_token" for name in names]
     rows = []
     print(f"{'context':>8} {names[0] + ' ms/tok':>16} {names[1] + ' ms/tok':>19} {'speedup':>8}", flush=True)
-    with Engine.from_pretrained(str(path), device="cpu", progress=False) as eng:
+    with Engine.from_pretrained(str(path), device="cpu", dtype=str(dtype).split(".")[-1], progress=False) as eng:
         if args.compare == "attention" and eng.kernels().get("decode_attention") != "native":
             ap.error("--compare attention: this engine does not run the native decode attention "
                      f"({eng.kernels().get('decode_attention')})")

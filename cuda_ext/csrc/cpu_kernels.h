@@ -30,7 +30,6 @@ struct TileArgs {
   float* out;               // accumulated into
   int64_t ldo;              // out row stride (elements)
   int row_block;            // 1: each row read front to back (int4: 2 adjacent rows), or 4 (4 rows interleaved)
-  int64_t nta_ahead;        // >0: prefetch the weight stream this many bytes ahead with the NTA hint
   bool dp_tokens;           // AVX512_BF16: VDPBF16PS for several tokens too (else from 2 tokens shift + FMA)
 };
 

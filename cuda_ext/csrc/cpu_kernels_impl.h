@@ -5,6 +5,13 @@
 // the rows are re-read from L1/L2 (not memory) for further token blocks. Float weights multiply
 // fp32 x (or bf16 x, see cpu_kernels.cpp); int8 / int4 codes multiply int16 x (tile_int).
 
+// Lane i of the result: the sum of the 8 lanes of a[i].
+static inline __m256 hsum8_256(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
 #if defined(MP_AVX512)
 struct V {
   using R = __m512;
@@ -25,6 +32,12 @@ struct V {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
   static inline float sum(R a) { return _mm512_reduce_add_ps(a); }
+  // the sums of 8 vectors, in the 8 lanes of one AVX2 register
+  static inline __m256 sum8(const R* a) {
+    __m256 h[8];
+    for (int i = 0; i < 8; ++i) h[i] = _mm256_add_ps(_mm512_castps512_ps256(a[i]), _mm512_extractf32x8_ps(a[i], 1));
+    return hsum8_256(h);
+  }
   // int codes x int16 activations: 32 int16 lanes, int32 sums of lane pairs
   using I = __m512i;
   static constexpr int NW = 32;        // int16 lanes (int8 codes per step)
@@ -79,6 +92,7 @@ struct V {
   static inline R ld_f16(const uint8_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
+  static inline __m256 sum8(const R* a) { return hsum8_256(a); }
   static inline float sum(R a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -165,15 +179,9 @@ static inline int64_t tile_row(int64_t r, int nr, int i) { return r + (i < nr ? 
 // read. STEP: bytes of each row one loop step reads; one prefetch per 64-byte line.
 constexpr int64_t kPrefetchBytes = 16384;
 template <int64_t STEP, int RB>
-static inline void prefetch_rows(const uint8_t* const (&wp)[RB], int64_t byte_off, int64_t nta = 0) {
+static inline void prefetch_rows(const uint8_t* const (&wp)[RB], int64_t byte_off) {
   // one sequential stream (1 row, or int4's 2 adjacent rows): the hardware prefetchers keep up alone
-  if constexpr (RB <= 2) {
-    if (nta > 0 && (STEP >= 64 || (byte_off & 63) == 0))
-      for (int i = 0; i < RB; ++i)
-        for (int64_t off = 0; off < (STEP < 64 ? 1 : STEP / 64); ++off)
-          _mm_prefetch(reinterpret_cast<const char*>(wp[i] + byte_off) + nta + 64 * off, _MM_HINT_NTA);
-    return;
-  }
+  if constexpr (RB <= 2) return;
   if (STEP < 64 && (byte_off & 63) != 0) return;
   for (int i = 0; i < RB; ++i)
     for (int64_t off = 0; off < (STEP < 64 ? 1 : STEP / 64); ++off)
@@ -209,7 +217,7 @@ static void tile(const TileArgs& a, int64_t r, int nr, int64_t t0) {
   float sums[RB][TB];
   int64_t k = 0;
   for (; k + U * V::N <= K; k += U * V::N) {
-    prefetch_rows<row_offset_bytes<KIND>(U * V::N), RB>(wp, row_offset_bytes<KIND>(k), a.nta_ahead);
+    prefetch_rows<row_offset_bytes<KIND>(U * V::N), RB>(wp, row_offset_bytes<KIND>(k));
     for (int u = 0; u < U; ++u) step(k + u * V::N, u);
   }
   for (; k + V::N <= K; k += V::N) step(k, 0);
@@ -272,12 +280,12 @@ static void tile_int(const TileArgs& a, int64_t r, int nr, int64_t t0) {
     while (k < KV) {
       const int64_t end = std::min(KV, k + kFlush);
       for (; k + 2 * V::NW <= end; k += 2 * V::NW) {
-        prefetch_rows<2 * V::NW, RB>(wp, k, a.nta_ahead);
+        prefetch_rows<2 * V::NW, RB>(wp, k);
         step8(k, iacc);
         step8(k + V::NW, iacc2);
       }
       for (; k < end; k += V::NW) {
-        prefetch_rows<V::NW, RB>(wp, k, a.nta_ahead);
+        prefetch_rows<V::NW, RB>(wp, k);
         step8(k, iacc);
       }
       flush(one);
@@ -301,7 +309,7 @@ static void tile_int(const TileArgs& a, int64_t r, int nr, int64_t t0) {
         if (half) V::ld_i4w_half(wp[i] + k / 2, lo[i], hi[i]);
         else V::ld_i4w(wp[i] + k / 2, lo[i], hi[i]);
       }
-      prefetch_rows<S / 2, RB>(wp, k / 2, a.nta_ahead);
+      prefetch_rows<S / 2, RB>(wp, k / 2);
       for (int t = 0; t < TB; ++t) {
         const typename V::I x0 = half ? V::ld_xq_half(xp[t] + k) : V::ld_xq(xp[t] + k);
         const typename V::I x1 = half ? V::ld_xq_half(xp[t] + k + 16) : V::ld_xq(xp[t] + k + S / 2);
@@ -407,20 +415,40 @@ static void attn_kind(const AttnArgs& a, int64_t task) {
   const uint8_t* vb = a.v + es * (b * a.v_sb + g * a.v_sh);
   const float* q0 = a.q + (b * a.Hq + g * G) * a.Tq * Dk;  // the group's nq query rows, head-major
   std::vector<float> s(static_cast<size_t>(nq * L)), inv(static_cast<size_t>(nq));
-  const int64_t DkV = Dk / (2 * V::N) * (2 * V::N), DvV = Dv / V::N * V::N;
-  for (int64_t j = 0; j < L; ++j) {
-    const uint8_t* kj = kb + es * j * a.k_sj;
-    for (int64_t qi = 0; qi < nq; ++qi) {
-      const float* qp = q0 + qi * Dk;
-      typename V::R c0 = V::zero(), c1 = V::zero();
-      int64_t d = 0;
-      for (; d < DkV; d += 2 * V::N) {
-        c0 = V::fma(ldw<KIND>(kj, d), V::ldx(qp + d), c0);
-        c1 = V::fma(ldw<KIND>(kj, d + V::N), V::ldx(qp + d + V::N), c1);
+  const int64_t DkV = Dk / V::N * V::N;
+  // Scores: 8 keys at a time, one vector accumulator per key, summed across lanes together.
+  for (int64_t qi = 0; qi < nq; ++qi) {
+    const float* qp = q0 + qi * Dk;
+    float* sp = s.data() + qi * L;
+    int64_t j = 0;
+    for (; j + 8 <= L; j += 8) {
+      typename V::R c[8];
+      for (int u = 0; u < 8; ++u) c[u] = V::zero();
+      for (int64_t d = 0; d < DkV; d += V::N) {
+        const typename V::R qv = V::ldx(qp + d);
+        for (int u = 0; u < 8; ++u) c[u] = V::fma(ldw<KIND>(kb + es * (j + u) * a.k_sj, d), qv, c[u]);
       }
-      float dot = V::sum(V::add(c0, c1));
+      __m256 dots = V::sum8(c);
+      if (DkV < Dk) {
+        alignas(32) float tail[8];
+        for (int u = 0; u < 8; ++u) {
+          const uint8_t* kj = kb + es * (j + u) * a.k_sj;
+          float t = 0.0f;
+          for (int64_t d = DkV; d < Dk; ++d) t += wscalar<KIND>(kj, d) * qp[d];
+          tail[u] = t;
+        }
+        dots = _mm256_add_ps(dots, _mm256_load_ps(tail));
+      }
+      _mm256_storeu_ps(sp + j, _mm256_mul_ps(dots, _mm256_set1_ps(a.scale)));
+    }
+    for (; j < L; ++j) {
+      const uint8_t* kj = kb + es * j * a.k_sj;
+      typename V::R c0 = V::zero();
+      int64_t d = 0;
+      for (; d < DkV; d += V::N) c0 = V::fma(ldw<KIND>(kj, d), V::ldx(qp + d), c0);
+      float dot = V::sum(c0);
       for (; d < Dk; ++d) dot += wscalar<KIND>(kj, d) * qp[d];
-      s[qi * L + j] = dot * a.scale;
+      sp[j] = dot * a.scale;
     }
   }
   for (int64_t qi = 0; qi < nq; ++qi) {
@@ -448,23 +476,33 @@ static void attn_kind(const AttnArgs& a, int64_t task) {
     }
     inv[qi] = sum > 0.0f ? 1.0f / sum : 0.0f;
   }
-  std::vector<float> acc(static_cast<size_t>(nq * Dv), 0.0f);
-  for (int64_t j = 0; j < L; ++j) {
-    const uint8_t* vj = vb + es * j * a.v_sj;
-    for (int64_t qi = 0; qi < nq; ++qi) {
-      const float p = s[qi * L + j];
-      if (p == 0.0f) continue;
-      float* ap = acc.data() + qi * Dv;
-      const typename V::R pv = V::set1(p);
-      int64_t d = 0;
-      for (; d < DvV; d += V::N) V::st(ap + d, V::fma(ldw<KIND>(vj, d), pv, V::ldx(ap + d)));
-      for (; d < Dv; ++d) ap[d] += p * wscalar<KIND>(vj, d);
-    }
-  }
+  // Weighted values: per query, up to 8 vectors of the output in registers over all keys (the
+  // group's values are re-read from L1/L2 for further queries and vector blocks).
+  constexpr int64_t kBlock = 8 * V::N;
   for (int64_t qi = 0; qi < nq; ++qi) {
     const int64_t h = g * G + qi / a.Tq, t = qi % a.Tq;
+    const float* sp = s.data() + qi * L;
     float* op = a.out + ((b * a.Tq + t) * a.Hq + h) * Dv;
-    for (int64_t d = 0; d < Dv; ++d) op[d] = acc[qi * Dv + d] * inv[qi];
+    const typename V::R scale = V::set1(inv[qi]);
+    for (int64_t d0 = 0; d0 < Dv; d0 += kBlock) {
+      const int64_t nv = std::min(kBlock, (Dv - d0)) / V::N;  // whole vectors in this block
+      typename V::R acc[8];
+      for (int u = 0; u < 8; ++u) acc[u] = V::zero();
+      for (int64_t j = 0; j < L; ++j) {
+        const float p = sp[j];
+        if (p == 0.0f) continue;
+        const typename V::R pv = V::set1(p);
+        const uint8_t* vj = vb + es * j * a.v_sj;
+        for (int u = 0; u < 8; ++u)
+          if (u < nv) acc[u] = V::fma(ldw<KIND>(vj, d0 + u * V::N), pv, acc[u]);
+      }
+      for (int u = 0; u < nv; ++u) V::st(op + d0 + u * V::N, V::fma(acc[u], scale, V::zero()));
+    }
+    for (int64_t d = Dv / V::N * V::N; d < Dv; ++d) {  // tail lanes of a width that is not a multiple of N
+      float sum = 0.0f;
+      for (int64_t j = 0; j < L; ++j) sum += sp[j] * wscalar<KIND>(vb + es * j * a.v_sj, d);
+      op[d] = sum * inv[qi];
+    }
   }
 }
 

@@ -74,7 +74,6 @@ std::atomic<int> g_level{-1};
 std::atomic<int> g_row_block{1};
 // VDPBF16PS for multi-token bf16 tiles: -1 = measure on first use (KernelTable::dp_tokens_faster).
 std::atomic<int> g_dp_tokens{-1};
-std::atomic<int64_t> g_nta_ahead{0};
 
 int initial_level() {
   int level = detect_level();
@@ -161,10 +160,8 @@ bool dp_tokens(const KernelTable* kt) {
 void run_rows(const KernelTable* kt, std::vector<TileArgs>& jobs, int64_t rows) {
   const int rb = g_row_block.load();
   const bool dp = dp_tokens(kt);
-  const int64_t nta = g_nta_ahead.load();
   for (TileArgs& a : jobs) {
     a.row_block = rb;
-    a.nta_ahead = nta;
     a.dp_tokens = dp;
   }
   const int64_t tiles = (rows + kRowBlock - 1) / kRowBlock;
@@ -574,11 +571,6 @@ int64_t set_row_block(int64_t rows) {
   return g_row_block.exchange(static_cast<int>(rows));
 }
 
-int64_t set_nta_ahead(int64_t bytes) {
-  TORCH_CHECK(bytes >= 0 && bytes % 64 == 0, "set_nta_ahead: a non-negative multiple of 64 bytes, got ", bytes);
-  return g_nta_ahead.exchange(bytes);
-}
-
 bool set_dp_tokens(bool on) {
   const bool was = dp_tokens(table());
   g_dp_tokens.store(on ? 1 : 0);
@@ -613,7 +605,6 @@ TORCH_LIBRARY(moepager_cpu, m) {
   m.def("isa() -> str", &moepager_cpu::current_isa);
   m.def("set_row_block(int rows) -> int", &moepager_cpu::set_row_block);
   m.def("set_dp_tokens(bool on) -> bool", &moepager_cpu::set_dp_tokens);
-  m.def("set_nta_ahead(int bytes) -> int", &moepager_cpu::set_nta_ahead);
   m.def("dp_tokens() -> bool", &moepager_cpu::current_dp_tokens);
   m.def("detected_isa() -> str", &moepager_cpu::detected_isa);
   m.def("stream_read(Tensor t) -> int", &moepager_cpu::stream_read);
