@@ -402,9 +402,9 @@ static void rows_any(const TileArgs& a, int64_t r0, int64_t r1) {
 }
 
 // -- attention of a few query tokens over a KV cache (AttnArgs) ---------------------------------
-// One task is one (batch row, KV head): its keys and values are read once, for every query head
-// of its group and every query token. Pass 1 writes each query's scores over all L keys, then a
-// softmax in place (fp32, std::exp), then pass 2 sums the weighted values. A row with every key
+// One task is one (batch row, KV head): its keys and values are read from memory once, for every
+// query head of its group and every query token. Pass 1 writes each query's scores over all L
+// keys, then a softmax in place (fp32, std::exp), then pass 2 sums the weighted values. A row with every key
 // masked gives zeros (its output is padding's, and NaN must not reach the residual stream).
 template <int KIND>
 static void attn_kind(const AttnArgs& a, int64_t task) {
@@ -416,39 +416,41 @@ static void attn_kind(const AttnArgs& a, int64_t task) {
   const float* q0 = a.q + (b * a.Hq + g * G) * a.Tq * Dk;  // the group's nq query rows, head-major
   std::vector<float> s(static_cast<size_t>(nq * L)), inv(static_cast<size_t>(nq));
   const int64_t DkV = Dk / V::N * V::N;
-  // Scores: 8 keys at a time, one vector accumulator per key, summed across lanes together.
-  for (int64_t qi = 0; qi < nq; ++qi) {
-    const float* qp = q0 + qi * Dk;
-    float* sp = s.data() + qi * L;
-    int64_t j = 0;
-    for (; j + 8 <= L; j += 8) {
-      typename V::R c[8];
-      for (int u = 0; u < 8; ++u) c[u] = V::zero();
-      for (int64_t d = 0; d < DkV; d += V::N) {
-        const typename V::R qv = V::ldx(qp + d);
-        for (int u = 0; u < 8; ++u) c[u] = V::fma(ldw<KIND>(kb + es * (j + u) * a.k_sj, d), qv, c[u]);
-      }
-      __m256 dots = V::sum8(c);
-      if (DkV < Dk) {
-        alignas(32) float tail[8];
-        for (int u = 0; u < 8; ++u) {
-          const uint8_t* kj = kb + es * (j + u) * a.k_sj;
-          float t = 0.0f;
-          for (int64_t d = DkV; d < Dk; ++d) t += wscalar<KIND>(kj, d) * qp[d];
-          tail[u] = t;
-        }
-        dots = _mm256_add_ps(dots, _mm256_load_ps(tail));
-      }
-      _mm256_storeu_ps(sp + j, _mm256_mul_ps(dots, _mm256_set1_ps(a.scale)));
+  // Scores: 8 keys at a time, one vector accumulator per key, summed across lanes together; every
+  // query of the group takes the block while its keys are in L1, so K is read from memory once.
+  auto dots8 = [&](const float* qp, int64_t j) {
+    typename V::R c[8];
+    for (int u = 0; u < 8; ++u) c[u] = V::zero();
+    for (int64_t d = 0; d < DkV; d += V::N) {
+      const typename V::R qv = V::ldx(qp + d);
+      for (int u = 0; u < 8; ++u) c[u] = V::fma(ldw<KIND>(kb + es * (j + u) * a.k_sj, d), qv, c[u]);
     }
-    for (; j < L; ++j) {
-      const uint8_t* kj = kb + es * j * a.k_sj;
+    __m256 dots = V::sum8(c);
+    if (DkV < Dk) {
+      alignas(32) float tail[8];
+      for (int u = 0; u < 8; ++u) {
+        const uint8_t* kj = kb + es * (j + u) * a.k_sj;
+        float t = 0.0f;
+        for (int64_t d = DkV; d < Dk; ++d) t += wscalar<KIND>(kj, d) * qp[d];
+        tail[u] = t;
+      }
+      dots = _mm256_add_ps(dots, _mm256_load_ps(tail));
+    }
+    return _mm256_mul_ps(dots, _mm256_set1_ps(a.scale));
+  };
+  int64_t j8 = 0;
+  for (; j8 + 8 <= L; j8 += 8)
+    for (int64_t qi = 0; qi < nq; ++qi) _mm256_storeu_ps(s.data() + qi * L + j8, dots8(q0 + qi * Dk, j8));
+  for (int64_t j = j8; j < L; ++j) {
+    const uint8_t* kj = kb + es * j * a.k_sj;
+    for (int64_t qi = 0; qi < nq; ++qi) {
+      const float* qp = q0 + qi * Dk;
       typename V::R c0 = V::zero();
       int64_t d = 0;
       for (; d < DkV; d += V::N) c0 = V::fma(ldw<KIND>(kj, d), V::ldx(qp + d), c0);
       float dot = V::sum(c0);
       for (; d < Dk; ++d) dot += wscalar<KIND>(kj, d) * qp[d];
-      sp[j] = dot * a.scale;
+      s[qi * L + j] = dot * a.scale;
     }
   }
   for (int64_t qi = 0; qi < nq; ++qi) {
@@ -476,33 +478,43 @@ static void attn_kind(const AttnArgs& a, int64_t task) {
     }
     inv[qi] = sum > 0.0f ? 1.0f / sum : 0.0f;
   }
-  // Weighted values: per query, up to 8 vectors of the output in registers over all keys (the
-  // group's values are re-read from L1/L2 for further queries and vector blocks).
-  constexpr int64_t kBlock = 8 * V::N;
+  // Weighted values, in chunks of keys whose values stay in L1 while every query of the group takes
+  // them (V is read from memory once); per query, up to 8 vectors of the sum in registers.
+  constexpr int64_t kBlock = 8 * V::N, kChunk = 64;
+  const int64_t DvV = Dv / V::N * V::N;
+  std::vector<float> acc(static_cast<size_t>(nq * Dv), 0.0f);
+  for (int64_t j0 = 0; j0 < L; j0 += kChunk) {
+    const int64_t j1 = std::min(L, j0 + kChunk);
+    for (int64_t qi = 0; qi < nq; ++qi) {
+      const float* sp = s.data() + qi * L;
+      float* ap = acc.data() + qi * Dv;
+      for (int64_t d0 = 0; d0 < DvV; d0 += kBlock) {
+        const int64_t nv = std::min(kBlock, DvV - d0) / V::N;  // whole vectors in this block
+        typename V::R r[8];
+        for (int u = 0; u < 8; ++u)
+          if (u < nv) r[u] = V::ldx(ap + d0 + u * V::N);
+        for (int64_t j = j0; j < j1; ++j) {
+          const float p = sp[j];
+          if (p == 0.0f) continue;
+          const typename V::R pv = V::set1(p);
+          const uint8_t* vj = vb + es * j * a.v_sj;
+          for (int u = 0; u < 8; ++u)
+            if (u < nv) r[u] = V::fma(ldw<KIND>(vj, d0 + u * V::N), pv, r[u]);
+        }
+        for (int u = 0; u < 8; ++u)
+          if (u < nv) V::st(ap + d0 + u * V::N, r[u]);
+      }
+      for (int64_t d = DvV; d < Dv; ++d) {  // tail lanes of a width that is not a multiple of N
+        float sum = ap[d];
+        for (int64_t j = j0; j < j1; ++j) sum += sp[j] * wscalar<KIND>(vb + es * j * a.v_sj, d);
+        ap[d] = sum;
+      }
+    }
+  }
   for (int64_t qi = 0; qi < nq; ++qi) {
     const int64_t h = g * G + qi / a.Tq, t = qi % a.Tq;
-    const float* sp = s.data() + qi * L;
     float* op = a.out + ((b * a.Tq + t) * a.Hq + h) * Dv;
-    const typename V::R scale = V::set1(inv[qi]);
-    for (int64_t d0 = 0; d0 < Dv; d0 += kBlock) {
-      const int64_t nv = std::min(kBlock, (Dv - d0)) / V::N;  // whole vectors in this block
-      typename V::R acc[8];
-      for (int u = 0; u < 8; ++u) acc[u] = V::zero();
-      for (int64_t j = 0; j < L; ++j) {
-        const float p = sp[j];
-        if (p == 0.0f) continue;
-        const typename V::R pv = V::set1(p);
-        const uint8_t* vj = vb + es * j * a.v_sj;
-        for (int u = 0; u < 8; ++u)
-          if (u < nv) acc[u] = V::fma(ldw<KIND>(vj, d0 + u * V::N), pv, acc[u]);
-      }
-      for (int u = 0; u < nv; ++u) V::st(op + d0 + u * V::N, V::fma(acc[u], scale, V::zero()));
-    }
-    for (int64_t d = Dv / V::N * V::N; d < Dv; ++d) {  // tail lanes of a width that is not a multiple of N
-      float sum = 0.0f;
-      for (int64_t j = 0; j < L; ++j) sum += sp[j] * wscalar<KIND>(vb + es * j * a.v_sj, d);
-      op[d] = sum * inv[qi];
-    }
+    for (int64_t d = 0; d < Dv; ++d) op[d] = acc[qi * Dv + d] * inv[qi];
   }
 }
 
