@@ -45,10 +45,11 @@ def _inputs(heads: int, kv_heads: int, dim: int, L: int, dtype: torch.dtype):
 
 
 def _time(fn, calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
+    with torch.no_grad():
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - start) / calls
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +79,6 @@ def main(argv: list[str] | None = None) -> int:
 
     if not native_cpu.build():
         ap.error(f"the native kernels are not available here: {native_cpu.status()}")
-    torch.set_grad_enabled(False)
     rows = []
     print(f"{'shape':>12} {'dtype':>9} {'L':>6} {'sdpa us':>9} {'native us':>10} {'speedup':>8} {'KV GB/s':>8}", flush=True)
     for shape in shapes:
@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                 def native(q=q, k=k, v=v, scale=scale):
                     return attention(q, k, v, None, scale)
 
-                err = (native().float() - sdpa().float()).abs().max().item()
+                with torch.no_grad():
+                    err = (native().float() - sdpa().float()).abs().max().item()
                 best = {"sdpa": float("inf"), "native": float("inf")}
                 for _ in range(args.repeat):
                     for name, fn in (("sdpa", sdpa), ("native", native)):
