@@ -95,6 +95,7 @@ def build(progress: Callable[[str], None] | None = None, verbose: bool = False) 
         try:
             from torch.utils.cpp_extension import load
 
+            # the op schemas must exist before the CPU kernels register
             import cuda_ext.attention
             import cuda_ext.cpu  # noqa: F401
 
