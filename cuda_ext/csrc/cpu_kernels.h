@@ -48,10 +48,16 @@ struct AttnArgs {
   int64_t m_sb, m_sh, m_st, m_sj;
   int64_t B, Hq, Hkv, Tq, L, Dk, Dv;
   float scale;              // multiplies q . k
-  float* out;               // [B, Tq, Hq, Dv] fp32
+  float* out;               // [B, Tq, Hq, Dv] fp32 (splits == 1)
+  // splits > 1: each (b, g) task's keys are cut into this many ranges, one task each, whose
+  // unnormalised sums go to part [task][nq][Dv] and their (max score, sum of exps) to part_ml
+  // [task][nq][2], nq = (Hq / Hkv) * Tq; the caller combines them.
+  int64_t splits;
+  float* part;
+  float* part_ml;
 };
 
-using AttnFn = void (*)(const AttnArgs&, int64_t task);  // task = b * Hkv + g
+using AttnFn = void (*)(const AttnArgs&, int64_t task);  // task = (b * Hkv + g) * splits + s
 
 struct KernelTable {
   const char* name;     // "avx512bf16", "avx512", "avx2"

@@ -442,17 +442,21 @@ static void rows_any(const TileArgs& a, int64_t r0, int64_t r1) {
 }
 
 // -- attention of a few query tokens over a KV cache (AttnArgs) ---------------------------------
-// One task is one (batch row, KV head): its keys and values are read from memory once, for every
-// query head of its group and every query token. Pass 1 writes each query's scores over all L
+// One task is one (batch row, KV head), or one range of its keys (AttnArgs::splits): its keys and
+// values are read from memory once, for every query head of its group and every query token. Pass 1 writes each query's scores over all L
 // keys, then a softmax in place (fp32, std::exp), then pass 2 sums the weighted values. A row with every key
 // masked gives zeros (its output is padding's, and NaN must not reach the residual stream).
 template <int KIND>
 static void attn_kind(const AttnArgs& a, int64_t task) {
-  const int64_t b = task / a.Hkv, g = task % a.Hkv;
-  const int64_t G = a.Hq / a.Hkv, nq = G * a.Tq, L = a.L, Dk = a.Dk, Dv = a.Dv;
+  const int64_t bg = task / a.splits, split = task % a.splits;
+  const int64_t b = bg / a.Hkv, g = bg % a.Hkv;
+  const int64_t chunk = (a.L + a.splits - 1) / a.splits;
+  const int64_t j0 = std::min(a.L, split * chunk);  // this task's keys: [j0, j0 + L)
+  const int64_t G = a.Hq / a.Hkv, nq = G * a.Tq, L = std::min(a.L, j0 + chunk) - j0, Dk = a.Dk, Dv = a.Dv;
   constexpr int64_t es = KIND == kF32 ? 4 : 2;
-  const uint8_t* kb = a.k + es * (b * a.k_sb + g * a.k_sh);
-  const uint8_t* vb = a.v + es * (b * a.v_sb + g * a.v_sh);
+  const uint8_t* kb = a.k + es * (b * a.k_sb + g * a.k_sh + j0 * a.k_sj);
+  const uint8_t* vb = a.v + es * (b * a.v_sb + g * a.v_sh + j0 * a.v_sj);
+  std::vector<float> mx(static_cast<size_t>(nq), -INFINITY), sums(static_cast<size_t>(nq), 0.0f);
   const float* q0 = a.q + (b * a.Hq + g * G) * a.Tq * Dk;  // the group's nq query rows, head-major
   std::vector<float> s(static_cast<size_t>(nq * L)), inv(static_cast<size_t>(nq));
   const int64_t DkV = Dk / V::N * V::N;
@@ -497,7 +501,7 @@ static void attn_kind(const AttnArgs& a, int64_t task) {
     const int64_t h = g * G + qi / a.Tq, t = qi % a.Tq;
     float* sp = s.data() + qi * L;
     if (a.mask_kind != 0) {
-      const int64_t mo = b * a.m_sb + h * a.m_sh + t * a.m_st;
+      const int64_t mo = b * a.m_sb + h * a.m_sh + t * a.m_st + j0 * a.m_sj;
       for (int64_t j = 0; j < L; ++j) {
         const int64_t at = mo + j * a.m_sj;
         switch (a.mask_kind) {
@@ -510,11 +514,12 @@ static void attn_kind(const AttnArgs& a, int64_t task) {
     }
     float m = -INFINITY;
     for (int64_t j = 0; j < L; ++j) m = std::max(m, sp[j]);
-    if (m == -INFINITY) {  // every key masked
+    if (m == -INFINITY) {  // every key masked (or no keys in this range)
       std::fill(sp, sp + L, 0.0f);
       inv[qi] = 0.0f;
       continue;
     }
+    mx[qi] = m;
     const typename V::R mv = V::set1(m);
     typename V::R sv = V::zero();
     int64_t j = 0;
@@ -529,6 +534,7 @@ static void attn_kind(const AttnArgs& a, int64_t task) {
       sp[j] = e;
       sum += e;
     }
+    sums[qi] = sum;
     inv[qi] = 1.0f / sum;
   }
   // Weighted values, in chunks of keys whose values stay in L1 while every query of the group takes
@@ -563,6 +569,14 @@ static void attn_kind(const AttnArgs& a, int64_t task) {
         ap[d] = sum;
       }
     }
+  }
+  if (a.splits > 1) {  // unnormalised, with this range's max and sum: the caller combines the ranges
+    std::memcpy(a.part + task * nq * Dv, acc.data(), sizeof(float) * nq * Dv);
+    for (int64_t qi = 0; qi < nq; ++qi) {
+      a.part_ml[(task * nq + qi) * 2] = mx[qi];
+      a.part_ml[(task * nq + qi) * 2 + 1] = sums[qi];
+    }
+    return;
   }
   for (int64_t qi = 0; qi < nq; ++qi) {
     const int64_t h = g * G + qi / a.Tq, t = qi % a.Tq;

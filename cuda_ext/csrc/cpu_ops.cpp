@@ -39,6 +39,8 @@ constexpr int64_t kLinearMaxTokens = 16;  // beyond this oneDNN's GEMM (at::line
 // the row-dot kernels are compute-bound there, a blocked GEMM is not. fp32 keeps gate_up and the
 // activation unrounded, as the row kernels keep them.
 constexpr int64_t kGemmTokens = 32;
+// Decode attention cuts a (row, KV head)'s keys into ranges for more threads only down to this.
+constexpr int64_t kAttnMinKeys = 256;
 
 int64_t align64(int64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
@@ -468,9 +470,48 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   a.B = B; a.Hq = Hq; a.Hkv = Hkv; a.Tq = Tq; a.L = L; a.Dk = Dk; a.Dv = Dv;
   a.scale = static_cast<float>(scale);
   a.out = out.data_ptr<float>();
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+  // Fewer (row, KV head) tasks than threads (one sequence of a model with few KV heads, on a
+  // many-core CPU): cut each task's keys into ranges of at least kAttnMinKeys, and combine the
+  // ranges' softmax sums after (as flash-decoding does).
+  const int64_t tasks = B * Hkv, threads = at::get_num_threads();
+  a.splits = tasks >= threads ? 1 : std::max<int64_t>(1, std::min((threads + tasks - 1) / tasks, L / kAttnMinKeys));
+  const int64_t nq = (Hq / Hkv) * Tq, S = a.splits;
+  at::Tensor part, ml;
+  if (S > 1) {
+    part = at::empty({tasks * S, nq, Dv}, q.options().dtype(at::kFloat));
+    ml = at::empty({tasks * S, nq, 2}, q.options().dtype(at::kFloat));
+    a.part = part.data_ptr<float>();
+    a.part_ml = ml.data_ptr<float>();
+  }
+  at::parallel_for(0, tasks * S, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) kt->attn(a, t);
   });
+  if (S > 1) {
+    const float* pp = a.part;
+    const float* pm = a.part_ml;
+    for (int64_t bg = 0; bg < tasks; ++bg) {
+      const int64_t b = bg / Hkv, g = bg % Hkv;
+      for (int64_t qi = 0; qi < nq; ++qi) {
+        float m = -INFINITY;
+        for (int64_t s = 0; s < S; ++s) m = std::max(m, pm[((bg * S + s) * nq + qi) * 2]);
+        const int64_t h = g * (Hq / Hkv) + qi / Tq, t = qi % Tq;
+        float* op = a.out + ((b * Tq + t) * Hq + h) * Dv;
+        std::fill(op, op + Dv, 0.0f);
+        if (m == -INFINITY) continue;  // every key masked
+        float l = 0.0f;
+        for (int64_t s = 0; s < S; ++s) {
+          const float ms = pm[((bg * S + s) * nq + qi) * 2];
+          if (ms == -INFINITY) continue;
+          const float w = std::exp(ms - m);
+          l += w * pm[((bg * S + s) * nq + qi) * 2 + 1];
+          const float* src = pp + ((bg * S + s) * nq + qi) * Dv;
+          for (int64_t d = 0; d < Dv; ++d) op[d] += w * src[d];
+        }
+        const float inv = 1.0f / l;
+        for (int64_t d = 0; d < Dv; ++d) op[d] *= inv;
+      }
+    }
+  }
   return out.to(q.scalar_type());
 }
 

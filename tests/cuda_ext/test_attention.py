@@ -86,6 +86,26 @@ def test_matches_reference(native, isa, shape, dtype, mask_kind):
         native_cpu.set_isa(native)
 
 
+@pytest.mark.parametrize("threads", [2, 5])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "half_dead"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_key_ranges_for_more_threads(native, threads, mask_kind, dtype):
+    """Fewer (row, KV head) tasks than threads: each task's keys are cut into ranges whose softmax
+    sums are combined after; a range with every key masked must drop out of the combination."""
+    shape = (1, 4, 1, 2, 1100, 64, 48)  # one KV head, 1100 keys: 2 to 4 ranges
+    q, k, v = _inputs(shape, dtype, seed=12)
+    mask = _mask(shape, "bool", seed=13) if mask_kind else None
+    if mask_kind == "half_dead":
+        mask[..., :600] = False  # the first range (and part of the second) sees nothing
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = attention(q, k, v, mask, 0.2)
+    finally:
+        torch.set_num_threads(saved)
+    _close(got, attention_reference(q, k, v, mask, 0.2), dtype)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_torch_sdpa(native, shape):
     """The reference itself is what SDPA computes (fp32, GQA by repeating KV heads)."""
