@@ -9,7 +9,8 @@ is reported at first use and in ``native_status()``, never at import.
 
 On the host, ``moe_ffn`` runs one MoE layer's routed experts straight from their
 pages (``PageFormat``: float, int8 or int4), ``linear`` / ``NativeLinear`` the
-dense layers at small T (``linear_int8`` / ``Int8Linear`` with int8 dense weights) and ``rms_norm`` / ``NativeRMSNorm`` the norms; native C++ kernels (``cpu.py``, ``native_cpu.py``)
+dense layers at small T (``linear_int8`` / ``Int8Linear`` with int8 dense weights), ``rms_norm`` / ``NativeRMSNorm`` the norms
+and ``attention`` (``attention.py``) decode attention over a KV cache; native C++ kernels (``cpu.py``, ``native_cpu.py``)
 override their torch references for CPU tensors once built.
 """
 
