@@ -65,6 +65,12 @@ def detect_isa() -> str:
     return "avx512bf16" if {"avx512_bf16", "avx512_vnni"} <= flags else "avx512"
 
 
+def runnable_isas() -> list[str]:
+    """Every kernel ISA this CPU can run, best first (empty without AVX2+FMA)."""
+    best = detect_isa()
+    return list(ISAS[ISAS.index(best):]) if best != "none" else []
+
+
 def _short(exc: BaseException, limit: int = 4000) -> str:
     text = f"{type(exc).__name__}: {exc}".strip()
     return text if len(text) <= limit else "..." + text[-limit:]

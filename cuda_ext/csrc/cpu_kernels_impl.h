@@ -5,9 +5,6 @@
 // the rows are re-read from L1/L2 (not memory) for further token blocks. Float weights multiply
 // fp32 x (or bf16 x, see cpu_kernels.cpp); int8 / int4 codes multiply int16 x (tile_int).
 
-// exp_neg (in V): e^x as Cephes' expf computes it, vectorised: x = n ln2 + r with ln2 split in two
-// (Cody-Waite), a degree-6 polynomial for e^r on |r| <= ln2 / 2, 2^n from the exponent bits.
-// Relative error about 2 ulp; inputs below -87 (e^x under the smallest normal) give about 1e-38.
 // Lane i of the result: the sum of the 8 lanes of a[i].
 static inline __m256 hsum8_256(const __m256* a) {
   const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
@@ -27,22 +24,16 @@ struct V {
   static inline R ldx(const float* p) { return _mm512_loadu_ps(p); }
   static inline void st(float* p, R a) { _mm512_storeu_ps(p, a); }
   static inline R sub(R a, R b) { return _mm512_sub_ps(a, b); }
-  // e^x for x <= 0 (see the note above hsum8_256); exactly 0 at -inf
-  static inline R exp_neg(R x) {
-    const R c = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const R n = _mm512_roundscale_ps(_mm512_mul_ps(c, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
-    R r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), c);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    R p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    const __mmask16 dead = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ);
-    return _mm512_maskz_mul_ps(static_cast<__mmask16>(~dead), p, _mm512_castsi512_ps(e));
+  // exp_neg's pieces: max, product, rounding to the nearest integer, 2^n for integral n, and
+  // r where x is not -inf, else 0
+  static inline R max(R a, R b) { return _mm512_max_ps(a, b); }
+  static inline R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static inline R round(R a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT); }
+  static inline R pow2(R n) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+  }
+  static inline R live(R x, R r) {
+    return _mm512_maskz_mov_ps(static_cast<__mmask16>(~_mm512_cmp_ps_mask(x, set1(-INFINITY), _CMP_EQ_OQ)), r);
   }
   static inline R ld_f32(const uint8_t* p) { return _mm512_loadu_ps(reinterpret_cast<const float*>(p)); }
   static inline R ld_bf16(const uint8_t* p) {
@@ -106,24 +97,14 @@ struct V {
   static inline R ldx(const float* p) { return _mm256_loadu_ps(p); }
   static inline void st(float* p, R a) { _mm256_storeu_ps(p, a); }
   static inline R sub(R a, R b) { return _mm256_sub_ps(a, b); }
-  // e^x for x <= 0 (see the note above hsum8_256); exactly 0 at -inf
-  static inline R exp_neg(R x) {
-    const R c = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    const R n = _mm256_round_ps(_mm256_mul_ps(c, _mm256_set1_ps(1.44269504088896341f)),
-                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    R r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), c);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    R p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    const R dead = _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ);
-    return _mm256_andnot_ps(dead, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+  // exp_neg's pieces, as in the AVX512 V above
+  static inline R max(R a, R b) { return _mm256_max_ps(a, b); }
+  static inline R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static inline R round(R a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static inline R pow2(R n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
   }
+  static inline R live(R x, R r) { return _mm256_andnot_ps(_mm256_cmp_ps(x, set1(-INFINITY), _CMP_EQ_OQ), r); }
   static inline R ld_f32(const uint8_t* p) { return _mm256_loadu_ps(reinterpret_cast<const float*>(p)); }
   static inline R ld_bf16(const uint8_t* p) {
     __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -163,6 +144,25 @@ struct V {
 #else
 #error "define MP_AVX512 or MP_AVX2 before including cpu_kernels_impl.h"
 #endif
+
+// e^x for x <= 0, exactly 0 at -inf, as Cephes' expf computes it, vectorised: x = n ln2 + r with ln2
+// split in two (Cody-Waite), a degree-6 polynomial for e^r on |r| <= ln2 / 2, 2^n from the
+// exponent bits. Relative error about 2 ulp; inputs below -87 (e^x under the smallest normal) give
+// about 1e-38.
+static inline V::R exp_neg(V::R x) {
+  const V::R c = V::max(x, V::set1(-87.0f));
+  const V::R n = V::round(V::mul(c, V::set1(1.44269504088896341f)));
+  V::R r = V::fma(n, V::set1(-0.693359375f), c);
+  r = V::fma(n, V::set1(2.12194440e-4f), r);
+  V::R p = V::set1(1.9875691500e-4f);
+  p = V::fma(p, r, V::set1(1.3981999507e-3f));
+  p = V::fma(p, r, V::set1(8.3334519073e-3f));
+  p = V::fma(p, r, V::set1(4.1665795894e-2f));
+  p = V::fma(p, r, V::set1(1.6666665459e-1f));
+  p = V::fma(p, r, V::set1(5.0000001201e-1f));
+  p = V::fma(p, V::mul(r, r), V::add(r, V::set1(1.0f)));
+  return V::live(x, V::mul(p, V::pow2(n)));
+}
 
 static inline float ld_scalar(const void* p, int code, int64_t i) {
   if (code == kS32) return static_cast<const float*>(p)[i];
@@ -524,7 +524,7 @@ static void attn_kind(const AttnArgs& a, int64_t task) {
     typename V::R sv = V::zero();
     int64_t j = 0;
     for (; j + V::N <= L; j += V::N) {
-      const typename V::R e = V::exp_neg(V::sub(V::ldx(sp + j), mv));
+      const typename V::R e = exp_neg(V::sub(V::ldx(sp + j), mv));
       V::st(sp + j, e);
       sv = V::add(sv, e);
     }

@@ -23,18 +23,6 @@ SHAPES = [  # (B, Hq, Hkv, Tq, L, Dk, Dv)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(scope="module")
-def native():
-    if native_cpu._disabled():
-        pytest.skip("native CPU kernels disabled by MOEPAGER_NATIVE / MOEPAGER_CPU_ISA")
-    if native_cpu.detect_isa() == "none":
-        pytest.skip("this CPU has no AVX2+FMA")
-    assert native_cpu.build(), native_cpu.status()
-    best = native_cpu.isa()
-    yield best
-    native_cpu.set_isa(best)
-
-
 def _inputs(shape, dtype, seed):
     """q as transformers hands it (a transpose of [B, Tq, Hq, Dk]); k and v as prefix views of larger
     cache buffers, as the in-place KV layers hand them."""
@@ -65,12 +53,7 @@ def _close(got, want, dtype):
     assert err <= tol, f"max error {err:.3g} > {tol:.3g}"
 
 
-def _isas():
-    best = native_cpu.detect_isa()
-    return list(native_cpu.ISAS[native_cpu.ISAS.index(best):]) if best != "none" else []
-
-
-@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("isa", native_cpu.runnable_isas())
 @pytest.mark.parametrize("mask_kind", [None, "bool", torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)

@@ -56,24 +56,6 @@ CASES = [(64, 32, T) for T in TOKENS] + [(1024, 1024, T) for T in (1, 7, 33)] + 
 PAGES, ROWS, TOP_K = 4, (3, 0, 2), 4
 
 
-@pytest.fixture(scope="session")
-def native():
-    """Build the native kernels once per test session; fail (not skip) when the build fails."""
-    if native_cpu._disabled():
-        pytest.skip("native CPU kernels disabled by MOEPAGER_NATIVE / MOEPAGER_CPU_ISA")
-    if native_cpu.detect_isa() == "none":
-        pytest.skip("this CPU has no AVX2+FMA")
-    assert native_cpu.build(), native_cpu.status()
-    best = native_cpu.isa()
-    yield best
-    native_cpu.set_isa(best)
-
-
-def _isas() -> list[str]:
-    best = native_cpu.detect_isa()
-    return list(native_cpu.ISAS[native_cpu.ISAS.index(best):]) if best != "none" else []
-
-
 def _fmt(kind_name: str, arch: str, H: int, I: int) -> PageFormat:
     kind, dtype, group = KINDS[kind_name]
     transposed, interleaved, has_bias, _ = ARCHS[arch]
@@ -142,7 +124,7 @@ def test_moe_ffn_matches_reference(native, kind_name, arch, H, I, T):
     _check(fmt, ARCHS[arch][3], T, x_dtype, seed=T)
 
 
-@pytest.mark.parametrize("isa", _isas()[1:])  # the best ISA runs every case above
+@pytest.mark.parametrize("isa", native_cpu.runnable_isas()[1:])  # the best ISA runs every case above
 @pytest.mark.parametrize("kind_name", list(KINDS))
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_moe_ffn_every_isa(native, isa, kind_name, arch):
@@ -165,7 +147,7 @@ def test_moe_ffn_many_tokens_per_expert(native, kind_name, arch):
 
 def test_moe_ffn_odd_sizes(native):
     """Rows and inputs that are not multiples of the vector width or the 4-row tile."""
-    for isa in _isas():
+    for isa in native_cpu.runnable_isas():
         native_cpu.set_isa(isa)
         for kind_name in ("fp32", "bf16", "fp16", "int8"):
             fmt = PageFormat(*(KINDS[kind_name][:2]), 50, 21, False, False, True)
@@ -176,7 +158,7 @@ def test_moe_ffn_odd_sizes(native):
 def test_moe_ffn_int8_long_rows(native):
     """int8 rows longer than one 2048-input int32 block, with a remainder of one and of two vector
     steps after it (the AVX512 kernel takes two steps at a time), on every ISA."""
-    for isa in _isas():
+    for isa in native_cpu.runnable_isas():
         native_cpu.set_isa(isa)
         for H, I in ((2144, 96), (2112, 64)):
             fmt = PageFormat("int8", torch.bfloat16, H, I, False, False, False)
@@ -190,7 +172,7 @@ def test_moe_ffn_four_row_tiles(native, kind_name):
     default one-row tiles) agrees with the reference on every ISA, and so does the native linear."""
     assert native_cpu.set_row_block(4) == 1  # one row per tile is the default
     try:
-        for isa in _isas():
+        for isa in native_cpu.runnable_isas():
             native_cpu.set_isa(isa)
             for arch in ARCHS:
                 for H, I, T in ((64, 32, 1), (64, 32, 7), (192, 96, 3)):
@@ -332,7 +314,7 @@ def _int8_linear(out_features: int, in_features: int, seed: int, bias: bool) -> 
 def test_linear_int8_matches_reference(native, out_features, in_features, T):
     """Every ISA, bf16 and fp32 x, with and without bias: within 1 % of the output scale (the int16
     rounding of x and the output's own dtype are the only differences from the fp32 reference)."""
-    for isa in _isas():
+    for isa in native_cpu.runnable_isas():
         native_cpu.set_isa(isa)
         for bias in (True, False):
             m = _int8_linear(out_features, in_features, T + out_features, bias)
