@@ -50,7 +50,9 @@ from traces.format import Trace, load_trace, save_trace
 from traces.synth import regime, synth_trace
 
 SHAPE = {"layers": 26, "experts": 64, "top_k": 6}  # DeepSeek-V2-Lite's routed experts
-VARIANTS = {"direct": {"width": 0, "history": 1}, "learned": {}}
+# direct: the direct part alone; path: with the path part; learned: with the token part too (when the
+# trace carries token ids; else the same model as path)
+VARIANTS = {"direct": {"width": 0, "history": 1, "token_buckets": 0}, "path": {"token_buckets": 0}, "learned": {}}
 
 
 def synth_case(name: str, tokens: int, seed: int, cache: Path | None) -> Trace:
@@ -66,8 +68,10 @@ def synth_case(name: str, tokens: int, seed: int, cache: Path | None) -> Trace:
     return trace
 
 
-def predict_latency(model, experts: np.ndarray, request: np.ndarray, lookahead: int, rows: int = 200) -> dict:
-    """Mean microseconds per ``observe`` and per ``predict`` call at T=1, replaying ``rows`` rows."""
+def predict_latency(model, experts: np.ndarray, request: np.ndarray, lookahead: int, rows: int = 200,
+                    tokens: np.ndarray | None = None) -> dict:
+    """Mean microseconds per ``observe`` and per ``predict`` call at T=1, replaying ``rows`` rows (a step's
+    ``observe_tokens`` counts towards its first ``observe``)."""
     live = LearnedPredictor(lookahead=lookahead, model=model)
     t_obs = t_pred = 0.0
     calls = 0
@@ -78,6 +82,8 @@ def predict_latency(model, experts: np.ndarray, request: np.ndarray, lookahead: 
         for layer in range(experts.shape[1]):
             idx = torch.from_numpy(experts[i, layer][None])
             t0 = time.perf_counter()
+            if layer == 0 and tokens is not None:
+                live.observe_tokens(tokens[i:i + 1])
             live.observe(layer, None, idx)
             t1 = time.perf_counter()
             live.predict(layer)
@@ -90,6 +96,7 @@ def predict_latency(model, experts: np.ndarray, request: np.ndarray, lookahead: 
 def run_case(label: str, trace: Trace, holdout: float, lookahead: int, seed: int) -> dict:
     experts = trace.experts.astype(np.int64)
     request, phase = trace.request.astype(np.int64), trace.phase
+    tokens = None if trace.tokens is None else trace.tokens.astype(np.int64)
     held = holdout_split(request, holdout)
     test = (experts[held], request[held], phase[held])
     rows = decode_rows(test[2], int(held.sum()))
@@ -105,12 +112,15 @@ def run_case(label: str, trace: Trace, holdout: float, lookahead: int, seed: int
     for name, kw in VARIANTS.items():
         t0 = time.perf_counter()
         model = train_learned(experts[~held], request[~held], trace.num_experts, lookahead, seed=seed,
-                              phase=phase[~held], progress=progress, **kw)
+                              phase=phase[~held], tokens=None if tokens is None else tokens[~held],
+                              progress=progress, **kw)
         seconds = time.perf_counter() - t0
         decode = np.flatnonzero(rows)
         case["predictors"][name] = {
-            "scores": evaluate(model, test[0], test[1], lookahead, phase=test[2], rows=rows), "train_seconds": seconds,
-            **model.meta["fit"], "latency": predict_latency(model, test[0][decode], test[1][decode], lookahead),
+            "scores": evaluate(model, test[0], test[1], lookahead, phase=test[2], rows=rows,
+                               tokens=None if tokens is None else tokens[held]), "train_seconds": seconds,
+            **model.meta["fit"], "latency": predict_latency(model, test[0][decode], test[1][decode], lookahead,
+                                       tokens=None if tokens is None else tokens[held][decode]),
             "params": sum(p.numel() for p in model.parameters())}
         print(f"  {name}: {seconds:.0f} s, F1@1 {case['predictors'][name]['scores'][1]['f1']:.3f}", flush=True)
     shares = routing_shares(experts[~held], trace.num_experts)

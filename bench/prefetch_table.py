@@ -54,7 +54,8 @@ def train_predictor(trace: Trace, holdout: float, lookahead: int, out: str, epoc
     train = ~held
     t0 = time.perf_counter()
     model = train_learned(trace.experts[train].astype(np.int64), trace.request[train].astype(np.int64),
-                          trace.num_experts, lookahead, epochs=epochs, phase=trace.phase[train])
+                          trace.num_experts, lookahead, epochs=epochs, phase=trace.phase[train],
+                          tokens=None if trace.tokens is None else trace.tokens[train])
     info = {"rows": int(train.sum()), "requests": len(np.unique(trace.request[train])),
             "heldout_rows": int(held.sum()), "heldout_requests": len(np.unique(trace.request[held])),
             "lookahead": lookahead, "epochs": epochs, "seconds": round(time.perf_counter() - t0, 2), "path": out}

@@ -156,6 +156,9 @@ class NoPrefetching:
     def reset(self) -> None:
         return None
 
+    def observe_tokens(self, tokens: Any) -> None:
+        return None
+
     def begin_request(self) -> None:
         return None
 
@@ -220,6 +223,12 @@ class Prefetching:
 
     def reset(self) -> None:
         self.predictor.reset()
+
+    def observe_tokens(self, tokens: Any) -> None:
+        """The step's input token ids [T] (one per routed row), for predictors that read them."""
+        hook = getattr(self.predictor, "observe_tokens", None)
+        if hook is not None:
+            hook(tokens)
 
     def begin_request(self) -> None:
         hook = getattr(self.predictor, "begin_request", None)

@@ -200,6 +200,10 @@ class Engine:
                 self.cache.start_request(rid)
                 runtime.prefetching.begin_request()
         runtime.prefetching.reset()
+        tokens = getattr(info, "tokens", None)
+        if tokens is not None:  # the rows the layers route: padding rows do not reach the experts function
+            tokens = tokens.cpu()
+            runtime.prefetching.observe_tokens((tokens[real] if real is not None else tokens).reshape(-1).numpy())
         if self.config.record_trace is not None:
             sel = real if real is not None else torch.ones_like(request, dtype=torch.bool)
             self.recorder.begin_step(request[sel], position[sel], int(info.phase),

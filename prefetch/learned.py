@@ -1,7 +1,7 @@
 """``learned``: a small model trained on routing traces that predicts the next layers' experts.
 
 Design: the logits of layer t = l + d's experts, predicted when source layer l
-has routed, are the sum of two parts, both over inputs known at that moment:
+has routed, are the sum of up to three parts, all over inputs known at that moment:
 
 - a *direct* part, one multinomial-logistic unit per (l, d) over multi-hot
   routing: the current token's experts at l and l-1 and the previous token's at
@@ -16,7 +16,16 @@ has routed, are the sum of two parts, both over inputs known at that moment:
   (its own table, so the latest layer can interact with the path), every layer
   of the previous token, and the mean of every layer of the ``history - 1``
   tokens before it. That is where cross-layer paths, request topics and
-  drift beyond one token show up.
+  drift beyond one token show up;
+- a *token* part (with ``token_buckets``, when the traces carry token ids):
+  ``scale[d, l] * (log P(expert at t | the token's bucket) - log P(expert at t))``
+  from counts over the training rows (ids hashed into ``token_buckets``
+  buckets, each bucket smoothed towards the layer's shares by one row). The
+  input token is known when its step starts, and which experts a token routes
+  to depends strongly on the token itself: on the embedded model's held-out
+  requests the id alone names 0.66-0.80 of a layer's experts in its top K. A
+  training row is left out of its own counts, so the scales learn what the
+  counts are worth on tokens the model has not seen route.
 
 Both parts are sums of table rows picked by expert ids (embedding bags). Live
 prediction at T=1 gathers those rows in numpy (tens of microseconds per layer,
@@ -37,10 +46,11 @@ row the bias), ``freq [L, E]`` (training-split routing shares, for the
 baseline); with hidden states ``hidden_weight [D, L, H, E]``, ``hidden_mean``
 and ``hidden_std [L, H]``; with a path part ``path_cur``, ``path_last``,
 ``path_prev``, ``path_hist [L, E, W]``, ``path_bias [L, W]`` and
-``head [D, L, W, E]``. Header metadata: ``format`` = ``moepager.predictor``,
-``kind`` = ``learned``, ``config`` (JSON: num_layers, num_experts, top_k,
-lookahead, hidden_size, width, history, features) and free JSON fields such as
-``heldout`` and ``train``.
+``head [D, L, W, E]``; with a token part ``token_counts [B, L, E]``,
+``token_rows [B]`` and ``token_scale [D, L]``. Header metadata:
+``format`` = ``moepager.predictor``, ``kind`` = ``learned``, ``config`` (JSON:
+num_layers, num_experts, top_k, lookahead, hidden_size, width, history,
+token_buckets, features) and free JSON fields such as ``heldout`` and ``train``.
 """
 
 from __future__ import annotations
@@ -57,6 +67,7 @@ from prefetch.base import index_array, register_predictor, scored_top, target_la
 FORMAT = "moepager.predictor"
 FEATURES = "direct:cur[l],cur[l-1],prev[l+d],prev[l+d-1],bias;path:cur[<=l],cur[l],prev[*],hist[*]"
 DIRECT_ONLY = "cur[l],cur[l-1],prev[l+d],prev[l+d-1],bias"  # files written before the path part
+TOKEN_FEATURES = FEATURES + ";token:counts[bucket]"  # with the token part
 PATH_TABLES = ("path_cur", "path_last", "path_prev", "path_hist")
 # Guesses per routed expert and target layer. More than one: the runners-up after the top K still
 # carry much of the probability (on the embedded model's traces the top 4 of 32 experts hold 70 % of
@@ -65,17 +76,27 @@ PATH_TABLES = ("path_cur", "path_last", "path_prev", "path_hist")
 CANDIDATES = 2
 
 
+def token_buckets_of(tokens: np.ndarray | None, buckets: int) -> np.ndarray | None:
+    """Token ids as hash buckets [N] (``id % buckets``; -1 stays -1: unknown), or None without ids."""
+    if tokens is None or buckets <= 0:
+        return None
+    tokens = np.asarray(tokens, dtype=np.int64)
+    return np.where(tokens >= 0, tokens % buckets, -1)
+
+
 class LearnedModel(torch.nn.Module):
     def __init__(self, num_layers: int, num_experts: int, top_k: int, lookahead: int, hidden_size: int = 0,
-                 width: int = 0, history: int = 1) -> None:
+                 width: int = 0, history: int = 1, token_buckets: int = 0) -> None:
         super().__init__()
         if lookahead < 1 or lookahead >= num_layers:
             raise ValueError(f"lookahead must be in 1..{num_layers - 1} for {num_layers} MoE layers, got {lookahead}")
         if width < 0 or history < 1:
             raise ValueError(f"need width >= 0 and history >= 1, got width={width}, history={history}")
+        if token_buckets < 0:
+            raise ValueError(f"token_buckets must be >= 0, got {token_buckets}")
         self.num_layers, self.num_experts, self.top_k = int(num_layers), int(num_experts), int(top_k)
         self.lookahead, self.hidden_size = int(lookahead), int(hidden_size)
-        self.width, self.history = int(width), int(history)
+        self.width, self.history, self.token_buckets = int(width), int(history), int(token_buckets)
         L, E, W = self.num_layers, self.num_experts, self.width
         self.features = 4 * E + 1
         self.weight = torch.nn.Parameter(torch.zeros(self.lookahead, L, self.features, E))
@@ -88,6 +109,11 @@ class LearnedModel(torch.nn.Module):
                 setattr(self, name, torch.nn.Parameter(torch.zeros(L, E, W)))
             self.path_bias = torch.nn.Parameter(torch.zeros(L, W))
             self.head = torch.nn.Parameter(torch.zeros(self.lookahead, L, W, E))
+        if self.token_buckets:
+            # per bucket: how often each expert was used at each layer, and by how many rows
+            self.register_buffer("token_counts", torch.zeros(self.token_buckets, L, E))
+            self.register_buffer("token_rows", torch.zeros(self.token_buckets))
+            self.token_scale = torch.nn.Parameter(torch.ones(self.lookahead, L))
         self.register_buffer("freq", torch.zeros(L, E))
         self.meta: dict = {}
 
@@ -117,14 +143,35 @@ class LearnedModel(torch.nn.Module):
             x = x + (hist @ self.path_hist.reshape(L * E, -1))[:, None]
         return torch.relu(x + self.path_bias)
 
+    def token_feature(self, tok: torch.Tensor, own: torch.Tensor | None = None) -> torch.Tensor:
+        """log P(expert | token's bucket) - log P(expert) per layer [B, L, E] (0 for unknown buckets).
+
+        The bucket's counts are smoothed towards the layer's marginal by one row's worth (a bucket
+        seen once moves the estimate half way). ``own`` [B, L, E]: the rows' own multi-hot routing,
+        taken out of their counts (training rows are in the counts: leave one out).
+        """
+        K = self.top_k
+        known = tok >= 0
+        b = tok.clamp_min(0)
+        counts, rows = self.token_counts[b], self.token_rows[b]  # [B, L, E], [B]
+        if own is not None:
+            counts = (counts - own * known[:, None, None]).clamp_min(0.0)
+            rows = (rows - known.float()).clamp_min(0.0)
+        prior = (self.freq / K).clamp_min(1e-6)  # [L, E], each layer sums to 1
+        q = (counts + K * prior) / (K * rows + K)[:, None, None]
+        return (q.clamp_min(1e-9).log() - prior.log()) * known[:, None, None]
+
     def logits(self, cur: torch.Tensor, lags: torch.Tensor, distance: int, hidden: torch.Tensor | None = None,
-               path: torch.Tensor | None = None) -> torch.Tensor:
+               path: torch.Tensor | None = None, tok: torch.Tensor | None = None,
+               tokfeat: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, L-d, E] of layer l+d's experts for every source layer l = 0 .. L-d-1.
 
         ``cur`` [B, L, E] and ``lags`` [B, M, L, E] (M >= 1; lag 1 is the previous
         token) are multi-hot; only cur's layers <= l are read for source l.
         ``hidden`` is [B, L-d, H] at the source layers; ``path`` is
-        :meth:`path_hidden`'s output, passed when several distances share it.
+        :meth:`path_hidden`'s output, passed when several distances share it;
+        ``tok`` [B] are the rows' token buckets (-1: unknown), or ``tokfeat``
+        their :meth:`token_feature`.
         """
         d, nl = distance, self.num_layers - distance
         prev = lags[:, 0]
@@ -139,18 +186,25 @@ class LearnedModel(torch.nn.Module):
             if path is None:
                 path = self.path_hidden(cur, lags)
             out = out + torch.einsum("bnw,nwe->bne", path[:, :nl], self.head[d - 1, :nl])
+        if self.token_buckets and (tok is not None or tokfeat is not None):
+            if tokfeat is None:
+                tokfeat = self.token_feature(tok)
+            out = out + self.token_scale[d - 1, :nl, None] * tokfeat[:, d:]
         return out
 
-    def probs(self, cur, lags, distance, hidden=None) -> torch.Tensor:
+    def probs(self, cur, lags, distance, hidden=None, tok=None) -> torch.Tensor:
         """P(a token uses each expert) [B, L-d, E], estimated as K * softmax."""
-        return (self.logits(cur, lags, distance, hidden).softmax(-1) * self.top_k).clamp_(max=1.0)
+        return (self.logits(cur, lags, distance, hidden, tok=tok).softmax(-1) * self.top_k).clamp_(max=1.0)
 
     @torch.no_grad()
     def predict_array(self, experts: np.ndarray, request: np.ndarray, distance: int, *,
                       phase: np.ndarray | None = None, hidden: np.ndarray | None = None,
-                      batch_rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-        """Top-K experts [N, L-d, K] of layer l+d for every row and source layer l, and their probabilities."""
+                      tokens: np.ndarray | None = None, batch_rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """Top-K experts [N, L-d, K] of layer l+d for every row and source layer l, and their probabilities.
+
+        ``tokens`` [N] are the rows' token ids (read only by a model trained with them)."""
         experts = np.asarray(experts, dtype=np.int64)
+        buckets = token_buckets_of(tokens, self.token_buckets)
         lag_rows = history_rows(request, phase, self.history)
         nl = self.num_layers - distance
         out = np.empty((experts.shape[0], nl, self.top_k), dtype=np.int64)
@@ -161,7 +215,8 @@ class LearnedModel(torch.nn.Module):
                 h = torch.from_numpy(np.asarray(hidden[s:s + batch_rows, :nl], dtype=np.float32))
             cur = self.multi_hot(experts[s:s + batch_rows])
             lags = self.multi_hot(gather_lags(experts, lag_rows[s:s + batch_rows]))
-            top = self.probs(cur, lags, distance, h).topk(self.top_k, dim=-1)
+            tok = None if buckets is None else torch.from_numpy(buckets[s:s + batch_rows])
+            top = self.probs(cur, lags, distance, h, tok).topk(self.top_k, dim=-1)
             out[s:s + batch_rows], prob[s:s + batch_rows] = top.indices.numpy(), top.values.numpy()
         return out, prob
 
@@ -169,7 +224,8 @@ class LearnedModel(torch.nn.Module):
     def config(self) -> dict:
         return {"num_layers": self.num_layers, "num_experts": self.num_experts, "top_k": self.top_k,
                 "lookahead": self.lookahead, "hidden_size": self.hidden_size, "width": self.width,
-                "history": self.history, "features": FEATURES}
+                "history": self.history, "token_buckets": self.token_buckets,
+                "features": TOKEN_FEATURES if self.token_buckets else FEATURES}
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
@@ -180,6 +236,9 @@ class LearnedModel(torch.nn.Module):
                            hidden_mean=self.hidden_mean.contiguous(), hidden_std=self.hidden_std.contiguous())
         if self.width:
             for name in (*PATH_TABLES, "path_bias", "head"):
+                tensors[name] = getattr(self, name).detach().contiguous()
+        if self.token_buckets:
+            for name in ("token_counts", "token_rows", "token_scale"):
                 tensors[name] = getattr(self, name).detach().contiguous()
         meta = {"format": FORMAT, "kind": "learned", "config": json.dumps(self.config())}
         meta.update({k: json.dumps(v) for k, v in self.meta.items()})
@@ -203,11 +262,11 @@ class LearnedModel(torch.nn.Module):
         cfg = json.loads(meta["config"])
         if cfg.get("features") == DIRECT_ONLY:
             cfg.update(width=0, history=1)  # the direct part alone, as files were written before the path part
-        elif cfg.get("features") != FEATURES:
+        elif cfg.get("features") not in (FEATURES, TOKEN_FEATURES):
             raise ValueError(f"{path} uses features {cfg.get('features')!r}, which this moepager cannot read; "
                              f"retrain it with `moepager predictor train`")
         model = cls(cfg["num_layers"], cfg["num_experts"], cfg["top_k"], cfg["lookahead"], cfg["hidden_size"],
-                    cfg["width"], cfg["history"])
+                    cfg["width"], cfg["history"], int(cfg.get("token_buckets", 0)))
         tensors = load_file(str(path))
         with torch.no_grad():
             names = ["weight", "freq"]
@@ -215,6 +274,8 @@ class LearnedModel(torch.nn.Module):
                 names += ["hidden_weight", "hidden_mean", "hidden_std"]
             if model.width:
                 names += [*PATH_TABLES, "path_bias", "head"]
+            if model.token_buckets:
+                names += ["token_counts", "token_rows", "token_scale"]
             for name in names:
                 getattr(model, name).copy_(tensors[name])
         model.meta = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "kind", "config")}
@@ -293,6 +354,9 @@ class LearnedPredictor:
             self._bias = model.path_bias.detach().numpy()
             self._head = model.head.detach().numpy()  # [D, L, W, E]
             self._scale = 1.0 / np.sqrt(np.arange(1, L + 1))
+        self._tok: np.ndarray | None = None  # this step's token buckets [T] (observe_tokens), or None
+        self._tokfeat: np.ndarray | None = None  # [T, L, E] their token_feature, or None
+        self._token_scale = model.token_scale.detach().numpy() if model.token_buckets else None  # [D, L]
         self._layer_ids = np.arange(L)[:, None]
         self._cur: np.ndarray | None = None  # [T, L, K] this step's routing (-1 = not yet routed)
         self._path: np.ndarray | None = None  # [T, L, W] layer j's path_cur embedding bag, this step
@@ -304,7 +368,15 @@ class LearnedPredictor:
     def begin_request(self) -> None:
         self._steps, self._tail, self._cur = [], None, None
 
+    def observe_tokens(self, tokens) -> None:
+        """This step's input token ids [T], one per row the layers will route (call after ``reset``)."""
+        if self.model.token_buckets and tokens is not None:
+            self._tok = token_buckets_of(np.asarray(tokens).reshape(-1), self.model.token_buckets)
+            with torch.no_grad():
+                self._tokfeat = self.model.token_feature(torch.from_numpy(self._tok)).numpy()
+
     def reset(self) -> None:
+        self._tok = self._tokfeat = None
         if self._cur is not None:
             self._steps = [self._cur, *self._steps][: self.history]
             rows = self._cur[::-1]  # a step's rows are tokens in order: newest first
@@ -386,6 +458,8 @@ class LearnedPredictor:
             logits += (h @ hw[:nd, layer]).transpose(1, 0, 2)
         if hid is not None:
             logits += (hid @ self._head[:nd, layer]).transpose(1, 0, 2)
+        if self._tokfeat is not None and self._tokfeat.shape[0] == tokens:
+            logits += self._token_scale[:nd, layer, None] * self._tokfeat[:, first:first + nd]
         z = np.exp(logits - logits.max(axis=2, keepdims=True))
         p = np.minimum(z * (self.top_k / z.sum(axis=2, keepdims=True)), 1.0)  # [T, nd, E]
         p_any = p[0] if tokens == 1 else 1.0 - np.prod(1.0 - p, axis=0)  # some token of the step uses it

@@ -36,18 +36,29 @@ their share of tokens).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from prefetch.learned import LearnedModel, gather_lags, history_rows, previous_rows
+from prefetch.learned import LearnedModel, gather_lags, history_rows, previous_rows, token_buckets_of
 
 # An array predictor: (experts, request, distance, phase=, hidden=) -> (guesses [N, L-d, W] (-1: no guess),
 # probabilities [N, L-d, W]).
 ArrayPredictor = Callable[..., tuple[np.ndarray, np.ndarray]]
 COPY_THRESHOLD = 0.5
+# Hash buckets of token ids for the token part: enough that a few thousand frequent tokens rarely
+# share one, and no more counts ([buckets, layers, experts] floats) than TOKEN_COUNTS_MAX, so the
+# predictor file stays under 32 MiB for any model shape.
+TOKEN_BUCKETS = 4096
+TOKEN_COUNTS_MAX = 1 << 23
+
+
+def default_token_buckets(num_layers: int, num_experts: int) -> int:
+    """``TOKEN_BUCKETS``, fewer for models with many (layer, expert) pairs (at least 256)."""
+    return max(256, min(TOKEN_BUCKETS, TOKEN_COUNTS_MAX // max(1, num_layers * num_experts)))
 MIN_STEPS = 16  # optimizer steps per epoch, however few the training rows
 
 
@@ -86,23 +97,32 @@ def decode_rows(phase: np.ndarray | None, n: int) -> np.ndarray:
 class _Rows:
     """Training arrays and the row indices of each row's history, cut into multi-hot minibatches."""
 
-    def __init__(self, model: LearnedModel, experts, lag_rows, hidden, rows: np.ndarray) -> None:
+    def __init__(self, model: LearnedModel, experts, lag_rows, hidden, rows: np.ndarray,
+                 buckets: np.ndarray | None = None, counted: bool = False) -> None:
         self.model, self.experts, self.lag_rows, self.hidden, self.rows = model, experts, lag_rows, hidden, rows
+        self.buckets = buckets  # [N] token buckets of every row, or None
+        self.counted = counted  # these rows are in the model's token counts
 
     def batch(self, rows: np.ndarray):
         h = None if self.hidden is None else torch.from_numpy(np.asarray(self.hidden[rows], dtype=np.float32))
+        tok = None if self.buckets is None else torch.from_numpy(self.buckets[rows])
         hot = self.model.multi_hot
-        return hot(self.experts[rows]), hot(gather_lags(self.experts, self.lag_rows[rows])), h
+        cur = hot(self.experts[rows])
+        feat = None
+        if tok is not None:
+            feat = self.model.token_feature(tok, cur if self.counted else None)
+        return cur, hot(gather_lags(self.experts, self.lag_rows[rows])), h, tok, feat
 
 
-def _loss(model: LearnedModel, cur, lags, hidden, weights: np.ndarray | None = None) -> torch.Tensor:
+def _loss(model: LearnedModel, cur, lags, hidden, tok=None, feat=None, weights: np.ndarray | None = None
+          ) -> torch.Tensor:
     """Mean soft cross-entropy over every (row, source layer, distance) against the K-hot truth / K."""
     num_layers, top_k = model.num_layers, model.top_k
     path = model.path_hidden(cur, lags) if model.width else None
     loss = torch.zeros(())
     for d in range(1, model.lookahead + 1):
         h = None if hidden is None else hidden[:, : num_layers - d]
-        logits = model.logits(cur, lags, d, h, path)  # [B, L-d, E]
+        logits = model.logits(cur, lags, d, h, path, tokfeat=feat)  # [B, L-d, E]
         target = cur[:, d:] / top_k
         per_row = -(target * logits.log_softmax(-1)).sum(-1).mean(-1)  # [B]
         if weights is None:
@@ -110,6 +130,16 @@ def _loss(model: LearnedModel, cur, lags, hidden, weights: np.ndarray | None = N
         else:
             loss = loss + (per_row * torch.from_numpy(weights)).sum()
     return loss / model.lookahead
+
+
+def _count_tokens(model: LearnedModel, experts: np.ndarray, buckets: np.ndarray) -> None:
+    """The model's token counts from these rows (unknown buckets, -1, are skipped)."""
+    known = buckets >= 0
+    counts = torch.zeros_like(model.token_counts)
+    counts.index_add_(0, torch.from_numpy(buckets[known]), model.multi_hot(experts[known]))
+    model.token_counts.copy_(counts)
+    model.token_rows.copy_(torch.from_numpy(np.bincount(buckets[known], minlength=model.token_buckets)
+                                            .astype(np.float32)))
 
 
 @torch.no_grad()
@@ -139,6 +169,8 @@ def train_learned(
     seed: int = 0,
     phase: np.ndarray | None = None,
     hidden: np.ndarray | None = None,
+    tokens: np.ndarray | None = None,
+    token_buckets: int | None = None,
     progress: Callable[[dict], None] | None = None,
 ) -> LearnedModel:
     """Fit the ``learned`` predictor on the rows given (split off held-out rows before calling).
@@ -147,7 +179,9 @@ def train_learned(
     stopping (0, or a single request: every epoch runs and the last one is
     kept). Minibatches are ``batch_rows`` rows, smaller on a small trace so that
     an epoch is at least ``MIN_STEPS`` steps. ``width`` 0 and ``history`` 1 is
-    the direct part alone.
+    the direct part alone. ``tokens`` [N] are the rows' input token ids: with
+    them the model gets a token part, ids hashed into ``token_buckets`` buckets
+    (None: ``default_token_buckets``; 0: ids not used).
     ``progress`` receives ``{"epoch", "epochs", "loss", "val_loss", "val_f1",
     "best_epoch", "seconds"}`` after each epoch (the val fields are None
     without a validation split); ``model.meta["fit"]`` records the epochs run
@@ -167,9 +201,14 @@ def train_learned(
     fit = np.flatnonzero(~held)
     lag_rows = history_rows(request, phase, history)  # requests never straddle the split
     hidden_size = 0 if hidden is None else int(hidden.shape[-1])
-    model = LearnedModel(num_layers, num_experts, top_k, lookahead, hidden_size, width, history)
-    train = _Rows(model, experts, lag_rows, hidden, fit)
-    val = _Rows(model, experts, lag_rows, hidden, np.flatnonzero(held))
+    if tokens is not None and len(tokens) != n:
+        raise ValueError(f"tokens has {len(tokens)} rows, experts {n}")
+    if token_buckets is None:
+        token_buckets = default_token_buckets(num_layers, num_experts) if tokens is not None else 0
+    model = LearnedModel(num_layers, num_experts, top_k, lookahead, hidden_size, width, history, token_buckets)
+    buckets = token_buckets_of(tokens, model.token_buckets)
+    train = _Rows(model, experts, lag_rows, hidden, fit, buckets, counted=True)
+    val = _Rows(model, experts, lag_rows, hidden, np.flatnonzero(held), buckets)
     with torch.no_grad():
         model.freq.copy_(torch.from_numpy(routing_shares(experts, num_experts)))  # the baseline's shares
         # Start from the layer's marginal distribution: the model then learns only what the features add.
@@ -186,6 +225,8 @@ def train_learned(
             for name, rows in (("path_cur", top_k), ("path_last", top_k), ("path_prev", top_k * num_layers),
                                ("path_hist", top_k * num_layers)):
                 torch.nn.init.normal_(getattr(model, name), std=rows**-0.5, generator=gen)
+        if model.token_buckets:
+            _count_tokens(model, experts[fit], buckets[fit])
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     # A small trace still gets MIN_STEPS optimizer steps per epoch (batches of at least 64 rows).
     batch = min(batch_rows, max(64, -(-len(fit) // MIN_STEPS)))
@@ -208,6 +249,7 @@ def train_learned(
             val_phase = None if phase is None else phase[held]
             info["val_f1"] = evaluate(model, experts[held], request[held], 1, phase=val_phase,
                                       hidden=None if hidden is None else hidden[held],
+                                      tokens=None if tokens is None else tokens[held],
                                       rows=decode_rows(val_phase, len(val.rows)))[1]["f1"]
             if info["val_loss"] < best_loss:
                 best_loss, best_epoch = info["val_loss"], epoch
@@ -221,6 +263,9 @@ def train_learned(
             break
     if best is not None:
         model.load_state_dict(best)
+    if model.token_buckets:  # served with every training row's counts, the validation rows' too
+        with torch.no_grad():
+            _count_tokens(model, experts, buckets)
     model.meta["fit"] = {"epochs_run": epoch, "best_epoch": best_epoch, "validation_rows": int(held.sum()),
                          "val_loss": None if best is None else best_loss}
     return model.eval()
@@ -259,6 +304,7 @@ def evaluate(
     hidden: np.ndarray | None = None,
     rows: np.ndarray | None = None,
     threshold: float = COPY_THRESHOLD,
+    tokens: np.ndarray | None = None,
 ) -> dict[int, dict[str, float]]:
     """Precision, recall, F1, and wasted share and coverage at ``threshold``, per distance d = 1..lookahead.
 
@@ -267,15 +313,16 @@ def evaluate(
     or a live :class:`~prefetch.base.Predictor` (driven one row per forward, its
     K best guesses per target layer scored, probability = score * d). ``rows``
     (bool [N]) limits which rows are scored; every row still feeds the history.
+    ``tokens`` [N] are the rows' token ids, for predictors that read them.
     """
     experts = np.asarray(experts, dtype=np.int64)
     n, num_layers, _top_k = experts.shape
     lookahead = min(int(lookahead), num_layers - 1)
     if hasattr(predictor_or_fn, "observe") and hasattr(predictor_or_fn, "predict"):
-        guesses = _stream(predictor_or_fn, experts, request, lookahead, hidden)
+        guesses = _stream(predictor_or_fn, experts, request, lookahead, hidden, tokens)
         fn = lambda e, r, d, **kw: guesses[d]
     elif hasattr(predictor_or_fn, "predict_array"):
-        fn = predictor_or_fn.predict_array
+        fn = functools.partial(predictor_or_fn.predict_array, tokens=tokens)
     else:
         fn = predictor_or_fn
     scored = np.ones(n, dtype=bool) if rows is None else np.asarray(rows, dtype=bool)
@@ -299,18 +346,18 @@ def evaluate(
 
 
 def compare(model: LearnedModel, experts: np.ndarray, request: np.ndarray, lookahead: int, *,
-            phase=None, hidden=None, rows=None) -> dict[str, dict[int, dict[str, float]]]:
+            phase=None, hidden=None, rows=None, tokens=None) -> dict[str, dict[int, dict[str, float]]]:
     """The learned model beside both baselines (freq from the model's training split), same rows."""
     kw = {"phase": phase, "hidden": hidden, "rows": rows}
     return {
-        "learned": evaluate(model, experts, request, lookahead, **kw),
+        "learned": evaluate(model, experts, request, lookahead, tokens=tokens, **kw),
         "prev": evaluate(prev_baseline, experts, request, lookahead, **kw),
         "freq": evaluate(freq_baseline(model.freq.numpy()), experts, request, lookahead, **kw),
     }
 
 
 def _stream(predictor, experts: np.ndarray, request: np.ndarray, lookahead: int,
-            hidden: np.ndarray | None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+            hidden: np.ndarray | None, tokens: np.ndarray | None = None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Drive a live predictor over the rows; its K best guesses per (row, layer, distance), with probabilities."""
     n, num_layers, top_k = experts.shape
     guesses = {d: (np.full((n, num_layers - d, top_k), -1, dtype=np.int64),
@@ -320,6 +367,8 @@ def _stream(predictor, experts: np.ndarray, request: np.ndarray, lookahead: int,
         if i == 0 or request[i] != request[i - 1]:
             predictor.begin_request()
         predictor.reset()
+        if tokens is not None and hasattr(predictor, "observe_tokens"):
+            predictor.observe_tokens(tokens[i:i + 1])
         for layer in range(num_layers):
             h = None if hidden is None else torch.from_numpy(np.asarray(hidden[i, layer:layer + 1], np.float32))
             predictor.observe(layer, h, experts[i, layer][None])

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.flags import _positive_int
+from server.flags import _non_negative_int, _positive_int
 
 PHASES = ("decode", "all")
 
@@ -38,10 +38,12 @@ class Routing:
     phase: np.ndarray  # [N]
     num_experts: int
     hidden: np.ndarray | None = None  # [N, L, H]
+    tokens: np.ndarray | None = None  # [N] token ids, when every trace has them
 
     def take(self, rows: np.ndarray) -> Routing:
         return Routing(self.experts[rows], self.request[rows], self.phase[rows], self.num_experts,
-                       None if self.hidden is None else self.hidden[rows])
+                       None if self.hidden is None else self.hidden[rows],
+                       None if self.tokens is None else self.tokens[rows])
 
 
 def load_routing(paths: list[str], *, hidden: bool = False) -> Routing:
@@ -59,7 +61,7 @@ def load_routing(paths: list[str], *, hidden: bool = False) -> Routing:
         if len(req):
             req = req - req.min() + offset
             offset = int(req.max()) + 1
-        parts.append((t.experts, req, t.phase, t.hidden if hidden else None))
+        parts.append((t.experts, req, t.phase, t.hidden if hidden else None, t.tokens))
     if hidden and any(p[3] is None for p in parts):
         raise ValueError("--use-hidden: a trace has no hidden states (record with hidden states, or drop the flag)")
     return Routing(
@@ -68,6 +70,7 @@ def load_routing(paths: list[str], *, hidden: bool = False) -> Routing:
         phase=np.concatenate([p[2] for p in parts]),
         num_experts=shape[2],
         hidden=np.concatenate([p[3] for p in parts]) if hidden else None,
+        tokens=None if any(p[4] is None for p in parts) else np.concatenate([p[4] for p in parts]).astype(np.int64),
     )
 
 
@@ -101,6 +104,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="hidden units of the cross-layer path part (default 128; 0: the direct part alone)")
     t.add_argument("--history", type=_positive_int, default=4,
                    help="previous tokens of the request the path part reads (default 4)")
+    t.add_argument("--token-buckets", type=_non_negative_int, default=None, metavar="N",
+                   help="hash buckets of the token part, which reads each row's token id (default: 4096, fewer "
+                        "for models with many layers x experts; 0: ids not used). Traces without ids train "
+                        "without it")
     t.add_argument("--batch-rows", type=_positive_int, default=2048, help="rows per minibatch (default 2048)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--lr", type=float, default=0.03)
@@ -164,11 +171,12 @@ def run_train(args: argparse.Namespace) -> int:
     model = train_learned(train.experts, train.request, routing.num_experts, args.lookahead, width=args.width,
                           history=args.history, epochs=args.epochs, patience=args.patience,
                           validation=args.validation, lr=args.lr, batch_rows=args.batch_rows, seed=args.seed,
-                          phase=train.phase, hidden=train.hidden, progress=progress)
+                          phase=train.phase, hidden=train.hidden, tokens=train.tokens,
+                          token_buckets=args.token_buckets, progress=progress)
     results = None
     if len(test.request):
         results = compare(model, test.experts, test.request, args.lookahead, phase=test.phase,
-                          hidden=test.hidden, rows=scored_rows(test, args.phase))
+                          hidden=test.hidden, rows=scored_rows(test, args.phase), tokens=test.tokens)
         print(f"held-out ({args.phase} rows):", file=out)
         _table(results, out)
     model.meta = {
@@ -177,7 +185,8 @@ def run_train(args: argparse.Namespace) -> int:
         "train": {"traces": [os.path.basename(p) for p in args.traces], "rows": int((~held).sum()),
                   "heldout_rows": int(held.sum()), "holdout": args.holdout, "epochs": args.epochs,
                   "patience": args.patience, "validation": args.validation, "width": args.width,
-                  "history": args.history, "batch_rows": args.batch_rows, "seed": args.seed, "lr": args.lr,
+                  "history": args.history, "token_buckets": model.token_buckets, "batch_rows": args.batch_rows,
+                  "seed": args.seed, "lr": args.lr,
                   "phase": args.phase, "seconds": round(time.perf_counter() - t0, 2), **model.meta["fit"]},
     }
     model.save(args.out)
@@ -204,8 +213,10 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--lookahead {lookahead}: the predictor was trained for {model.lookahead}")
     if args.holdout:
         routing = routing.take(holdout_split(routing.request, args.holdout))
+    if model.token_buckets and routing.tokens is None:
+        print("note: the trace has no token ids; the predictor's token part is not used", file=out)
     results = compare(model, routing.experts, routing.request, lookahead, phase=routing.phase,
-                      hidden=routing.hidden, rows=scored_rows(routing, args.phase))
+                      hidden=routing.hidden, rows=scored_rows(routing, args.phase), tokens=routing.tokens)
     print(f"{args.predictor} on {len(routing.request)} rows ({args.phase} rows scored):", file=out)
     _table(results, out)
     if args.json:

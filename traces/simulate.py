@@ -316,6 +316,8 @@ def _replay_full(trace: Trace, config: SimConfig, schedule: Schedule, cache: Exp
             cache.start_request(request)
             prefetch.begin_request()
         prefetch.reset()
+        if trace.tokens is not None:
+            prefetch.observe_tokens(trace.tokens[rows])
         rows_t = torch.from_numpy(rows)
         routing = experts_t[rows_t]  # [T, L, K]
         phase = int(trace.phase[rows[0]]) if len(rows) else DECODE  # the engine runs one phase per forward

@@ -16,6 +16,12 @@ and another ignores, and every table is taken over a grid of regimes:
   popularity takes ``topic_weight`` of the routing mass (request-level shifts);
 - ``drift``: per token and layer, the chance that a hot expert trades its
   popularity with a random one (the popular set moves over time);
+- ``token_weight``: every row carries a token id, drawn Zipf(1) from ``vocab``
+  ids; each id has its own popularity per layer (a Zipf profile of exponent
+  ``TOKEN_SKEW`` over a permutation of the experts: a token favours a few
+  experts per layer), which takes ``token_weight``
+  of the row's routing mass (routing that depends on the token itself, as real
+  routers' does). At 0 the ids are drawn but carry no signal;
 - ``requests``, ``prompt_len``, ``decode_len`` (means; lengths vary +-50 %):
   a request's prompt is one prefill step (phase 0, all rows sharing a step) and
   each decode token is its own step, as the engine records them.
@@ -43,6 +49,9 @@ import numpy as np
 from traces.format import Trace
 
 
+TOKEN_SKEW = 2.0
+
+
 @dataclass(frozen=True)
 class SynthConfig:
     layers: int = 8
@@ -59,6 +68,8 @@ class SynthConfig:
     topics: int = 1
     topic_weight: float = 0.0
     drift: float = 0.0
+    vocab: int = 4096
+    token_weight: float = 0.0
     seed: int = 0
 
     def validate(self) -> None:
@@ -66,11 +77,13 @@ class SynthConfig:
             raise ValueError("synth: need layers >= 1, experts >= 2 and 1 <= top_k <= experts")
         if self.requests < 1 or self.prompt_len < 1 or self.decode_len < 0:
             raise ValueError("synth: need requests >= 1, prompt_len >= 1 and decode_len >= 0")
-        for name in ("locality", "cross_layer", "topic_weight", "drift"):
+        for name in ("locality", "cross_layer", "topic_weight", "drift", "token_weight"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"synth: {name} must be in [0, 1], got {getattr(self, name)}")
         if self.skew < 0 or self.skew_spread < 0 or self.locality_spread < 0 or self.topics < 1:
             raise ValueError("synth: skew, skew_spread, locality_spread must be >= 0 and topics >= 1")
+        if self.vocab < 1:
+            raise ValueError(f"synth: vocab must be >= 1, got {self.vocab}")
 
 
 # Each regime exaggerates one property; "mixed" combines them at moderate strength.
@@ -83,6 +96,7 @@ REGIMES: dict[str, SynthConfig] = {
     "layered": SynthConfig(skew=1.0, skew_spread=0.8, locality=0.4, locality_spread=1.0),
     "crosslayer": SynthConfig(skew=0.6, locality=0.2, cross_layer=0.6),
     "prefill": SynthConfig(skew=0.8, locality=0.3, prompt_len=256, decode_len=16),
+    "tokens": SynthConfig(skew=0.8, locality=0.3, token_weight=0.6),
     "mixed": SynthConfig(skew=0.9, skew_spread=0.3, locality=0.35, locality_spread=0.5, cross_layer=0.4,
                          topics=6, topic_weight=0.5, drift=0.005),
 }
@@ -122,6 +136,18 @@ def synth_trace(config: SynthConfig, scores: bool = False) -> Trace:
     successor = np.stack([rng.permutation(E) for _ in range(L)])  # layer l-1 expert -> layer l expert
     hot = max(2 * K, 1)
     tw = config.topic_weight
+    # Token ids and their popularity come from a generator of their own: with token_weight 0 the
+    # routing is the same as without ids.
+    tok_rng = np.random.default_rng([config.seed, 2])
+    V, aw = config.vocab, config.token_weight
+    vocab_p = 1.0 / np.arange(1, V + 1)
+    token_of_rank = tok_rng.permutation(V)
+    token_pop = None
+    if aw:
+        token_pop = np.empty((V, L, E))
+        w = ranks ** -TOKEN_SKEW
+        for layer in range(L):
+            token_pop[:, layer] = (w / w.sum())[np.argsort(tok_rng.random((V, E)), axis=1)]
 
     lengths = []
     for _ in range(config.requests):
@@ -130,6 +156,7 @@ def synth_trace(config: SynthConfig, scores: bool = False) -> Trace:
             if config.decode_len else 0
         lengths.append((p, d))
     n = sum(p + d for p, d in lengths)
+    tokens = token_of_rank[tok_rng.choice(V, size=n, p=vocab_p / vocab_p.sum())].astype(np.int32)
     experts = np.empty((n, L, K), dtype=np.int16)
     request = np.empty(n, np.int32)
     position = np.empty(n, np.int32)
@@ -145,6 +172,8 @@ def synth_trace(config: SynthConfig, scores: bool = False) -> Trace:
         prev: list[list[int]] = [[] for _ in range(L)]
         for pos in range(p + d):
             cur: list[list[int]] = []
+            row_logp = logp if token_pop is None else \
+                np.log((1.0 - aw) * np.exp(logp) + aw * token_pop[tokens[row]] + 1e-300)
             for layer in range(L):
                 if config.drift and rng.random() < config.drift:
                     a = int(np.argsort(-base[layer])[int(rng.integers(hot))])
@@ -152,6 +181,9 @@ def synth_trace(config: SynthConfig, scores: bool = False) -> Trace:
                     base[layer, [a, b]] = base[layer, [b, a]]
                     logp[layer, [a, b]] = np.log((1.0 - tw) * base[layer, [a, b]]
                                                  + tw * topic_pop[topic, layer, [a, b]] + 1e-300)
+                    if token_pop is not None:
+                        row_logp[layer] = np.log((1.0 - aw) * np.exp(logp[layer])
+                                                 + aw * token_pop[tokens[row], layer] + 1e-300)
                 chosen: list[int] = []
                 if prev[layer]:
                     keep = rng.random(len(prev[layer])) < localities[layer]
@@ -164,7 +196,7 @@ def synth_trace(config: SynthConfig, scores: bool = False) -> Trace:
                             chosen.append(s)
                 chosen = chosen[:K]
                 if len(chosen) < K:
-                    score = logp[layer] + rng.gumbel(size=E)
+                    score = row_logp[layer] + rng.gumbel(size=E)
                     if chosen:
                         score[chosen] = -np.inf
                     need = K - len(chosen)
@@ -184,7 +216,7 @@ def synth_trace(config: SynthConfig, scores: bool = False) -> Trace:
     meta = {"experts": E, "top_k": K, "model": "synthetic", "architecture": "synthetic",
             "moe_layers": list(range(L)), "synth": asdict(config)}
     return Trace(experts=experts, weights=weights.astype(np.float16), request=request, position=position,
-                 phase=phase, meta=meta, step=step,
+                 phase=phase, meta=meta, step=step, tokens=tokens,
                  scores=_router_scores(experts, np.stack(start_logp)[request], config.seed) if scores else None)
 
 

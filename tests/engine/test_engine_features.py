@@ -140,3 +140,26 @@ def test_all_experts_fit_starts_warm_and_matches_the_simulator(tiny_model_dir, t
     assert live["misses"] == 0 and live["bytes_transferred"] == 0
     sim = simulate(load_trace(trace_path), SimConfig(policy="lru", capacities=capacities)).as_dict()
     assert (sim["hits"], sim["accesses"]) == (live["hits"], live["queries"])
+
+
+def test_predictor_sees_each_steps_input_tokens(tiny_model_dir):
+    """The engine hands every forward's input token ids (the rows its layers route) to the predictor."""
+    path = tiny_model_dir("qwen3_moe")
+    with Engine.from_pretrained(path, device="cpu", progress=False, expert_slots=8, prefetch="prev") as eng:
+        seen = []
+        eng.runtime.prefetching.predictor.observe_tokens = lambda ids: seen.append([int(t) for t in ids])
+        out = [ev.token_id for ev in eng.generate([PROMPTS[1]], GREEDY) if ev.token_id is not None]
+    assert seen[0] == PROMPTS[1]  # the prompt's forward
+    assert seen[1:] == [[t] for t in out[:-1]]  # then each decode forward reads the token sampled before it
+
+
+def test_predictor_tokens_skip_padding_rows(tiny_model_dir):
+    """A left-padded batched prefill: only the real rows' ids, one per row the experts see."""
+    path = tiny_model_dir("qwen3_moe")
+    with Engine.from_pretrained(path, device="cpu", progress=False, expert_slots=8, prefetch="prev") as eng:
+        seen = []
+        eng.runtime.prefetching.predictor.observe_tokens = lambda ids: seen.append([int(t) for t in ids])
+        for _ in eng.generate(PROMPTS, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)):
+            pass
+    assert seen[0] == [t for p in PROMPTS for t in p]
+    assert all(len(ids) == len(PROMPTS) for ids in seen[1:])  # decode: one id per sequence
