@@ -113,7 +113,7 @@ class LearnedModel(torch.nn.Module):
             # per bucket: how often each expert was used at each layer, and by how many rows
             self.register_buffer("token_counts", torch.zeros(self.token_buckets, L, E))
             self.register_buffer("token_rows", torch.zeros(self.token_buckets))
-            self.token_scale = torch.nn.Parameter(torch.ones(self.lookahead, L))
+            self.token_scale = torch.nn.Parameter(torch.zeros(self.lookahead, L))
         self.register_buffer("freq", torch.zeros(L, E))
         self.meta: dict = {}
 
@@ -143,20 +143,24 @@ class LearnedModel(torch.nn.Module):
             x = x + (hist @ self.path_hist.reshape(L * E, -1))[:, None]
         return torch.relu(x + self.path_bias)
 
-    def token_feature(self, tok: torch.Tensor, own: torch.Tensor | None = None) -> torch.Tensor:
+    def token_feature(self, tok: torch.Tensor, own: torch.Tensor | None = None,
+                      own_rows: torch.Tensor | None = None) -> torch.Tensor:
         """log P(expert | token's bucket) - log P(expert) per layer [B, L, E] (0 for unknown buckets).
 
         The bucket's counts are smoothed towards the layer's marginal by one row's worth (a bucket
-        seen once moves the estimate half way). ``own`` [B, L, E]: the rows' own multi-hot routing,
-        taken out of their counts (training rows are in the counts: leave one out).
+        seen once moves the estimate half way). ``own`` [B, L, E] and ``own_rows`` [B] (default 1):
+        routing counts and rows to take out of each row's bucket (training rows are in the counts:
+        the trainer takes out every row of the row's own request in its bucket, so the scales
+        learn what the counts say about requests they have not seen).
         """
         K = self.top_k
         known = tok >= 0
         b = tok.clamp_min(0)
         counts, rows = self.token_counts[b], self.token_rows[b]  # [B, L, E], [B]
         if own is not None:
+            taken = known.float() if own_rows is None else own_rows * known
             counts = (counts - own * known[:, None, None]).clamp_min(0.0)
-            rows = (rows - known.float()).clamp_min(0.0)
+            rows = (rows - taken).clamp_min(0.0)
         prior = (self.freq / K).clamp_min(1e-6)  # [L, E], each layer sums to 1
         q = (counts + K * prior) / (K * rows + K)[:, None, None]
         return (q.clamp_min(1e-9).log() - prior.log()) * known[:, None, None]

@@ -98,10 +98,12 @@ class _Rows:
     """Training arrays and the row indices of each row's history, cut into multi-hot minibatches."""
 
     def __init__(self, model: LearnedModel, experts, lag_rows, hidden, rows: np.ndarray,
-                 buckets: np.ndarray | None = None, counted: bool = False) -> None:
+                 buckets: np.ndarray | None = None, request: np.ndarray | None = None) -> None:
+        """``request`` given: these rows are in the model's token counts, and each row's feature
+        leaves out every row of its own request in its bucket (``_RequestBuckets``)."""
         self.model, self.experts, self.lag_rows, self.hidden, self.rows = model, experts, lag_rows, hidden, rows
         self.buckets = buckets  # [N] token buckets of every row, or None
-        self.counted = counted  # these rows are in the model's token counts
+        self.groups = None if buckets is None or request is None else _RequestBuckets(request, buckets, rows)
 
     def batch(self, rows: np.ndarray):
         h = None if self.hidden is None else torch.from_numpy(np.asarray(self.hidden[rows], dtype=np.float32))
@@ -110,8 +112,50 @@ class _Rows:
         cur = hot(self.experts[rows])
         feat = None
         if tok is not None:
-            feat = self.model.token_feature(tok, cur if self.counted else None)
+            own = own_rows = None
+            if self.groups is not None:
+                own, own_rows = self.groups.routing(self.model, self.experts, rows)
+            feat = self.model.token_feature(tok, own, own_rows)
         return cur, hot(gather_lags(self.experts, self.lag_rows[rows])), h, tok, feat
+
+
+class _RequestBuckets:
+    """The rows of each (request, token bucket) among the counted rows, to take out of a row's counts.
+
+    Leaving out only the row itself would let a rare token's other rows in the same request (same
+    topic, same context) vouch for its counts in training, while at serving time the counts of a
+    rare token come from other requests: the scales would learn to trust them too much.
+    """
+
+    def __init__(self, request: np.ndarray, buckets: np.ndarray, rows: np.ndarray) -> None:
+        n = len(buckets)
+        key = np.full(n, -1, dtype=np.int64)
+        known = rows[buckets[rows] >= 0]
+        pairs = np.stack([np.asarray(request)[known].astype(np.int64), buckets[known]], 1)
+        _, group = np.unique(pairs, axis=0, return_inverse=True)
+        key[known] = group.reshape(-1)
+        self.group = key  # [N] group of each counted row (-1: not counted, or no id)
+        order = known[np.argsort(key[known], kind="stable")]
+        self.members = order  # counted rows sorted by group
+        self.starts = np.searchsorted(key[order], np.arange(int(key.max()) + 2))  # [G + 1]
+
+    def routing(self, model: LearnedModel, experts: np.ndarray, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed multi-hot routing [B, L, E] and row counts [B] of each row's group (zeros: none)."""
+        g = self.group[rows]
+        ug, inverse = np.unique(g[g >= 0], return_inverse=True)
+        own = torch.zeros(len(rows), model.num_layers, model.num_experts)
+        own_rows = torch.zeros(len(rows))
+        if len(ug) == 0:
+            return own, own_rows
+        lo, hi = self.starts[ug], self.starts[ug + 1]
+        seg = np.repeat(np.arange(len(ug)), hi - lo)
+        members = self.members[np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)])]
+        per_group = torch.zeros(len(ug), model.num_layers, model.num_experts)
+        per_group.index_add_(0, torch.from_numpy(seg), model.multi_hot(experts[members]))
+        has = np.flatnonzero(g >= 0)
+        own[has] = per_group[inverse]
+        own_rows[has] = torch.from_numpy((hi - lo)[inverse].astype(np.float32))
+        return own, own_rows
 
 
 def _loss(model: LearnedModel, cur, lags, hidden, tok=None, feat=None, weights: np.ndarray | None = None
@@ -207,7 +251,7 @@ def train_learned(
         token_buckets = default_token_buckets(num_layers, num_experts) if tokens is not None else 0
     model = LearnedModel(num_layers, num_experts, top_k, lookahead, hidden_size, width, history, token_buckets)
     buckets = token_buckets_of(tokens, model.token_buckets)
-    train = _Rows(model, experts, lag_rows, hidden, fit, buckets, counted=True)
+    train = _Rows(model, experts, lag_rows, hidden, fit, buckets, request=request)
     val = _Rows(model, experts, lag_rows, hidden, np.flatnonzero(held), buckets)
     with torch.no_grad():
         model.freq.copy_(torch.from_numpy(routing_shares(experts, num_experts)))  # the baseline's shares
