@@ -156,6 +156,8 @@ class NoPrefetching:
     def reset(self) -> None:
         return None
 
+    wants_tokens = False
+
     def observe_tokens(self, tokens: Any) -> None:
         return None
 
@@ -223,6 +225,11 @@ class Prefetching:
 
     def reset(self) -> None:
         self.predictor.reset()
+
+    @property
+    def wants_tokens(self) -> bool:
+        """Whether the predictor reads the steps' input token ids (``observe_tokens``)."""
+        return hasattr(self.predictor, "observe_tokens") and bool(getattr(self.predictor, "wants_tokens", True))
 
     def observe_tokens(self, tokens: Any) -> None:
         """The step's input token ids [T] (one per routed row), for predictors that read them."""

@@ -200,7 +200,7 @@ class Engine:
                 self.cache.start_request(rid)
                 runtime.prefetching.begin_request()
         runtime.prefetching.reset()
-        tokens = getattr(info, "tokens", None)
+        tokens = getattr(info, "tokens", None) if runtime.prefetching.wants_tokens else None
         if tokens is not None:  # the rows the layers route: padding rows do not reach the experts function
             tokens = tokens.cpu()
             runtime.prefetching.observe_tokens((tokens[real] if real is not None else tokens).reshape(-1).numpy())

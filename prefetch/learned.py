@@ -372,6 +372,11 @@ class LearnedPredictor:
     def begin_request(self) -> None:
         self._steps, self._tail, self._cur = [], None, None
 
+    @property
+    def wants_tokens(self) -> bool:
+        """Whether the model has a token part (else ``observe_tokens`` is a no-op)."""
+        return self.model.token_buckets > 0
+
     def observe_tokens(self, tokens) -> None:
         """This step's input token ids [T], one per row the layers will route (call after ``reset``)."""
         if self.model.token_buckets and tokens is not None:
