@@ -23,9 +23,10 @@ has routed, are the sum of up to three parts, all over inputs known at that mome
   buckets, each bucket smoothed towards the layer's shares by one row). The
   input token is known when its step starts, and which experts a token routes
   to depends strongly on the token itself: on the embedded model's held-out
-  requests the id alone names 0.66-0.80 of a layer's experts in its top K. A
-  training row is left out of its own counts, so the scales learn what the
-  counts are worth on tokens the model has not seen route.
+  requests the id alone names 0.66-0.80 of a layer's experts in its top K. In
+  training, each row's own request is left out of its counts, so the scales
+  (which start at 0) learn what the counts are worth in requests they have not
+  seen; where ids carry no signal they stay near 0.
 
 Both parts are sums of table rows picked by expert ids (embedding bags). Live
 prediction at T=1 gathers those rows in numpy (tens of microseconds per layer,
