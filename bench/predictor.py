@@ -52,7 +52,7 @@ from traces.synth import regime, synth_trace
 SHAPE = {"layers": 26, "experts": 64, "top_k": 6}  # DeepSeek-V2-Lite's routed experts
 # direct: the direct part alone; path: with the path part; learned: with the token part too (when the
 # trace carries token ids; else the same model as path)
-VARIANTS = {"direct": {"width": 0, "history": 1, "token_buckets": 0}, "path": {"token_buckets": 0}, "learned": {}}
+VARIANTS = {"direct": {"width": 0, "history": 1, "token_vocab": 0}, "path": {"token_vocab": 0}, "learned": {}}
 
 
 def synth_case(name: str, tokens: int, seed: int, cache: Path | None) -> Trace:

@@ -17,10 +17,11 @@ has routed, are the sum of up to three parts, all over inputs known at that mome
   of the previous token, and the mean of every layer of the ``history - 1``
   tokens before it. That is where cross-layer paths, request topics and
   drift beyond one token show up;
-- a *token* part (with ``token_buckets``, when the traces carry token ids):
-  ``scale[d, l] * (log P(expert at t | the token's bucket) - log P(expert at t))``
-  from counts over the training rows (ids hashed into ``token_buckets``
-  buckets, each bucket smoothed towards the layer's shares by one row). The
+- a *token* part (with ``token_vocab``, when the traces carry token ids):
+  ``scale[d, l] * (log P(expert at t | the token) - log P(expert at t))`` from
+  counts over the training rows, kept for the ``token_vocab`` most frequent
+  ids (each smoothed towards the layer's shares by one row; other ids add
+  nothing: a shared, hashed table would blur frequent tokens with rare ones). The
   input token is known when its step starts, and which experts a token routes
   to depends strongly on the token itself: on the embedded model's held-out
   requests the id alone names 0.66-0.80 of a layer's experts in its top K. In
@@ -47,11 +48,11 @@ row the bias), ``freq [L, E]`` (training-split routing shares, for the
 baseline); with hidden states ``hidden_weight [D, L, H, E]``, ``hidden_mean``
 and ``hidden_std [L, H]``; with a path part ``path_cur``, ``path_last``,
 ``path_prev``, ``path_hist [L, E, W]``, ``path_bias [L, W]`` and
-``head [D, L, W, E]``; with a token part ``token_counts [B, L, E]``,
-``token_rows [B]`` and ``token_scale [D, L]``. Header metadata:
+``head [D, L, W, E]``; with a token part ``token_ids [V]`` (sorted),
+``token_counts [V, L, E]``, ``token_rows [V]`` and ``token_scale [D, L]``. Header metadata:
 ``format`` = ``moepager.predictor``, ``kind`` = ``learned``, ``config`` (JSON:
 num_layers, num_experts, top_k, lookahead, hidden_size, width, history,
-token_buckets, features) and free JSON fields such as ``heldout`` and ``train``.
+token_vocab, features) and free JSON fields such as ``heldout`` and ``train``.
 """
 
 from __future__ import annotations
@@ -68,8 +69,9 @@ from prefetch.base import index_array, register_predictor, scored_top, target_la
 FORMAT = "moepager.predictor"
 FEATURES = "direct:cur[l],cur[l-1],prev[l+d],prev[l+d-1],bias;path:cur[<=l],cur[l],prev[*],hist[*]"
 DIRECT_ONLY = "cur[l],cur[l-1],prev[l+d],prev[l+d-1],bias"  # files written before the path part
-TOKEN_FEATURES = FEATURES + ";token:counts[bucket]"  # with the token part
+TOKEN_FEATURES = FEATURES + ";token:counts[id]"  # with the token part
 PATH_TABLES = ("path_cur", "path_last", "path_prev", "path_hist")
+TOKEN_TABLES = ("token_ids", "token_counts", "token_rows", "token_scale")
 # Guesses per routed expert and target layer. More than one: the runners-up after the top K still
 # carry much of the probability (on the embedded model's traces the top 4 of 32 experts hold 70 % of
 # the next layer's, the top 8 89 %), and the planner weighs each guess against the link and the
@@ -77,27 +79,28 @@ PATH_TABLES = ("path_cur", "path_last", "path_prev", "path_hist")
 CANDIDATES = 2
 
 
-def token_buckets_of(tokens: np.ndarray | None, buckets: int) -> np.ndarray | None:
-    """Token ids as hash buckets [N] (``id % buckets``; -1 stays -1: unknown), or None without ids."""
-    if tokens is None or buckets <= 0:
+def token_index(ids: np.ndarray, tokens: np.ndarray | None) -> np.ndarray | None:
+    """Each token's row in the sorted kept ``ids`` [V] (-1: not kept, or no id), or None without tokens."""
+    if tokens is None or len(ids) == 0:
         return None
     tokens = np.asarray(tokens, dtype=np.int64)
-    return np.where(tokens >= 0, tokens % buckets, -1)
+    at = np.minimum(np.searchsorted(ids, tokens), len(ids) - 1)
+    return np.where((ids[at] == tokens) & (tokens >= 0), at, -1)
 
 
 class LearnedModel(torch.nn.Module):
     def __init__(self, num_layers: int, num_experts: int, top_k: int, lookahead: int, hidden_size: int = 0,
-                 width: int = 0, history: int = 1, token_buckets: int = 0) -> None:
+                 width: int = 0, history: int = 1, token_vocab: int = 0) -> None:
         super().__init__()
         if lookahead < 1 or lookahead >= num_layers:
             raise ValueError(f"lookahead must be in 1..{num_layers - 1} for {num_layers} MoE layers, got {lookahead}")
         if width < 0 or history < 1:
             raise ValueError(f"need width >= 0 and history >= 1, got width={width}, history={history}")
-        if token_buckets < 0:
-            raise ValueError(f"token_buckets must be >= 0, got {token_buckets}")
+        if token_vocab < 0:
+            raise ValueError(f"token_vocab must be >= 0, got {token_vocab}")
         self.num_layers, self.num_experts, self.top_k = int(num_layers), int(num_experts), int(top_k)
         self.lookahead, self.hidden_size = int(lookahead), int(hidden_size)
-        self.width, self.history, self.token_buckets = int(width), int(history), int(token_buckets)
+        self.width, self.history, self.token_vocab = int(width), int(history), int(token_vocab)
         L, E, W = self.num_layers, self.num_experts, self.width
         self.features = 4 * E + 1
         self.weight = torch.nn.Parameter(torch.zeros(self.lookahead, L, self.features, E))
@@ -110,10 +113,11 @@ class LearnedModel(torch.nn.Module):
                 setattr(self, name, torch.nn.Parameter(torch.zeros(L, E, W)))
             self.path_bias = torch.nn.Parameter(torch.zeros(L, W))
             self.head = torch.nn.Parameter(torch.zeros(self.lookahead, L, W, E))
-        if self.token_buckets:
-            # per bucket: how often each expert was used at each layer, and by how many rows
-            self.register_buffer("token_counts", torch.zeros(self.token_buckets, L, E))
-            self.register_buffer("token_rows", torch.zeros(self.token_buckets))
+        if self.token_vocab:
+            # per kept token id (sorted): how often each expert was used at each layer, by how many rows
+            self.register_buffer("token_ids", torch.full((self.token_vocab,), -1, dtype=torch.int64))
+            self.register_buffer("token_counts", torch.zeros(self.token_vocab, L, E))
+            self.register_buffer("token_rows", torch.zeros(self.token_vocab))
             self.token_scale = torch.nn.Parameter(torch.zeros(self.lookahead, L))
         self.register_buffer("freq", torch.zeros(L, E))
         self.meta: dict = {}
@@ -146,12 +150,13 @@ class LearnedModel(torch.nn.Module):
 
     def token_feature(self, tok: torch.Tensor, own: torch.Tensor | None = None,
                       own_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """log P(expert | token's bucket) - log P(expert) per layer [B, L, E] (0 for unknown buckets).
+        """log P(expert | token) - log P(expert) per layer [B, L, E] for ``tok`` [B], the rows'
+        :meth:`token_rows_of` (0 where it is -1).
 
-        The bucket's counts are smoothed towards the layer's marginal by one row's worth (a bucket
+        A token's counts are smoothed towards the layer's marginal by one row's worth (a token
         seen once moves the estimate half way). ``own`` [B, L, E] and ``own_rows`` [B] (default 1):
-        routing counts and rows to take out of each row's bucket (training rows are in the counts:
-        the trainer takes out every row of the row's own request in its bucket, so the scales
+        routing counts and rows to take out of each row's token (training rows are in the counts:
+        the trainer takes out every row of the row's own request with that token, so the scales
         learn what the counts say about requests they have not seen).
         """
         K = self.top_k
@@ -175,8 +180,8 @@ class LearnedModel(torch.nn.Module):
         token) are multi-hot; only cur's layers <= l are read for source l.
         ``hidden`` is [B, L-d, H] at the source layers; ``path`` is
         :meth:`path_hidden`'s output, passed when several distances share it;
-        ``tok`` [B] are the rows' token buckets (-1: unknown), or ``tokfeat``
-        their :meth:`token_feature`.
+        ``tok`` [B] are the rows' :meth:`token_rows_of` (-1: unknown), or
+        ``tokfeat`` their :meth:`token_feature`.
         """
         d, nl = distance, self.num_layers - distance
         prev = lags[:, 0]
@@ -191,11 +196,15 @@ class LearnedModel(torch.nn.Module):
             if path is None:
                 path = self.path_hidden(cur, lags)
             out = out + torch.einsum("bnw,nwe->bne", path[:, :nl], self.head[d - 1, :nl])
-        if self.token_buckets and (tok is not None or tokfeat is not None):
+        if self.token_vocab and (tok is not None or tokfeat is not None):
             if tokfeat is None:
                 tokfeat = self.token_feature(tok)
             out = out + self.token_scale[d - 1, :nl, None] * tokfeat[:, d:]
         return out
+
+    def token_rows_of(self, tokens: np.ndarray | None) -> np.ndarray | None:
+        """Token ids [N] -> rows of the token part's tables [N] (-1: an id without counts), or None."""
+        return token_index(self.token_ids.numpy(), tokens) if self.token_vocab else None
 
     def probs(self, cur, lags, distance, hidden=None, tok=None) -> torch.Tensor:
         """P(a token uses each expert) [B, L-d, E], estimated as K * softmax."""
@@ -209,7 +218,7 @@ class LearnedModel(torch.nn.Module):
 
         ``tokens`` [N] are the rows' token ids (read only by a model trained with them)."""
         experts = np.asarray(experts, dtype=np.int64)
-        buckets = token_buckets_of(tokens, self.token_buckets)
+        tok_rows = self.token_rows_of(tokens)
         lag_rows = history_rows(request, phase, self.history)
         nl = self.num_layers - distance
         out = np.empty((experts.shape[0], nl, self.top_k), dtype=np.int64)
@@ -220,7 +229,7 @@ class LearnedModel(torch.nn.Module):
                 h = torch.from_numpy(np.asarray(hidden[s:s + batch_rows, :nl], dtype=np.float32))
             cur = self.multi_hot(experts[s:s + batch_rows])
             lags = self.multi_hot(gather_lags(experts, lag_rows[s:s + batch_rows]))
-            tok = None if buckets is None else torch.from_numpy(buckets[s:s + batch_rows])
+            tok = None if tok_rows is None else torch.from_numpy(tok_rows[s:s + batch_rows])
             top = self.probs(cur, lags, distance, h, tok).topk(self.top_k, dim=-1)
             out[s:s + batch_rows], prob[s:s + batch_rows] = top.indices.numpy(), top.values.numpy()
         return out, prob
@@ -229,8 +238,8 @@ class LearnedModel(torch.nn.Module):
     def config(self) -> dict:
         return {"num_layers": self.num_layers, "num_experts": self.num_experts, "top_k": self.top_k,
                 "lookahead": self.lookahead, "hidden_size": self.hidden_size, "width": self.width,
-                "history": self.history, "token_buckets": self.token_buckets,
-                "features": TOKEN_FEATURES if self.token_buckets else FEATURES}
+                "history": self.history, "token_vocab": self.token_vocab,
+                "features": TOKEN_FEATURES if self.token_vocab else FEATURES}
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
@@ -242,8 +251,8 @@ class LearnedModel(torch.nn.Module):
         if self.width:
             for name in (*PATH_TABLES, "path_bias", "head"):
                 tensors[name] = getattr(self, name).detach().contiguous()
-        if self.token_buckets:
-            for name in ("token_counts", "token_rows", "token_scale"):
+        if self.token_vocab:
+            for name in TOKEN_TABLES:
                 tensors[name] = getattr(self, name).detach().contiguous()
         meta = {"format": FORMAT, "kind": "learned", "config": json.dumps(self.config())}
         meta.update({k: json.dumps(v) for k, v in self.meta.items()})
@@ -271,7 +280,7 @@ class LearnedModel(torch.nn.Module):
             raise ValueError(f"{path} uses features {cfg.get('features')!r}, which this moepager cannot read; "
                              f"retrain it with `moepager predictor train`")
         model = cls(cfg["num_layers"], cfg["num_experts"], cfg["top_k"], cfg["lookahead"], cfg["hidden_size"],
-                    cfg["width"], cfg["history"], int(cfg.get("token_buckets", 0)))
+                    cfg["width"], cfg["history"], int(cfg.get("token_vocab", 0)))
         tensors = load_file(str(path))
         with torch.no_grad():
             names = ["weight", "freq"]
@@ -279,8 +288,8 @@ class LearnedModel(torch.nn.Module):
                 names += ["hidden_weight", "hidden_mean", "hidden_std"]
             if model.width:
                 names += [*PATH_TABLES, "path_bias", "head"]
-            if model.token_buckets:
-                names += ["token_counts", "token_rows", "token_scale"]
+            if model.token_vocab:
+                names += list(TOKEN_TABLES)
             for name in names:
                 getattr(model, name).copy_(tensors[name])
         model.meta = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "kind", "config")}
@@ -359,9 +368,9 @@ class LearnedPredictor:
             self._bias = model.path_bias.detach().numpy()
             self._head = model.head.detach().numpy()  # [D, L, W, E]
             self._scale = 1.0 / np.sqrt(np.arange(1, L + 1))
-        self._tok: np.ndarray | None = None  # this step's token buckets [T] (observe_tokens), or None
+        self._tok: np.ndarray | None = None  # this step's token rows [T] (observe_tokens), or None
         self._tokfeat: np.ndarray | None = None  # [T, L, E] their token_feature, or None
-        self._token_scale = model.token_scale.detach().numpy() if model.token_buckets else None  # [D, L]
+        self._token_scale = model.token_scale.detach().numpy() if model.token_vocab else None  # [D, L]
         self._layer_ids = np.arange(L)[:, None]
         self._cur: np.ndarray | None = None  # [T, L, K] this step's routing (-1 = not yet routed)
         self._path: np.ndarray | None = None  # [T, L, W] layer j's path_cur embedding bag, this step
@@ -376,12 +385,12 @@ class LearnedPredictor:
     @property
     def wants_tokens(self) -> bool:
         """Whether the model has a token part (else ``observe_tokens`` is a no-op)."""
-        return self.model.token_buckets > 0
+        return self.model.token_vocab > 0
 
     def observe_tokens(self, tokens) -> None:
         """This step's input token ids [T], one per row the layers will route (call after ``reset``)."""
-        if self.model.token_buckets and tokens is not None:
-            self._tok = token_buckets_of(np.asarray(tokens).reshape(-1), self.model.token_buckets)
+        if self.model.token_vocab and tokens is not None:
+            self._tok = self.model.token_rows_of(np.asarray(tokens).reshape(-1))
             with torch.no_grad():
                 self._tokfeat = self.model.token_feature(torch.from_numpy(self._tok)).numpy()
 

@@ -43,22 +43,30 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from prefetch.learned import LearnedModel, gather_lags, history_rows, previous_rows, token_buckets_of
+from prefetch.learned import LearnedModel, gather_lags, history_rows, previous_rows, token_index
 
 # An array predictor: (experts, request, distance, phase=, hidden=) -> (guesses [N, L-d, W] (-1: no guess),
 # probabilities [N, L-d, W]).
 ArrayPredictor = Callable[..., tuple[np.ndarray, np.ndarray]]
 COPY_THRESHOLD = 0.5
-# Hash buckets of token ids for the token part: enough that a few thousand frequent tokens rarely
-# share one, and no more counts ([buckets, layers, experts] floats) than TOKEN_COUNTS_MAX, so the
-# predictor file stays under 32 MiB for any model shape.
-TOKEN_BUCKETS = 4096
+# Token ids the token part keeps counts for, the most frequent first: at most TOKEN_VOCAB, and no
+# more counts ([ids, layers, experts] floats) than TOKEN_COUNTS_MAX, so the predictor file stays
+# under 32 MiB for any model shape.
+TOKEN_VOCAB = 16384
 TOKEN_COUNTS_MAX = 1 << 23
 
 
-def default_token_buckets(num_layers: int, num_experts: int) -> int:
-    """``TOKEN_BUCKETS``, fewer for models with many (layer, expert) pairs (at least 256)."""
-    return max(256, min(TOKEN_BUCKETS, TOKEN_COUNTS_MAX // max(1, num_layers * num_experts)))
+def default_token_vocab(num_layers: int, num_experts: int) -> int:
+    """``TOKEN_VOCAB``, fewer for models with many (layer, expert) pairs (at least 256)."""
+    return max(256, min(TOKEN_VOCAB, TOKEN_COUNTS_MAX // max(1, num_layers * num_experts)))
+
+
+def kept_token_ids(tokens: np.ndarray, most: int) -> np.ndarray:
+    """The ``most`` most frequent ids among ``tokens`` (ties: the smaller id), sorted; -1s ignored."""
+    ids, counts = np.unique(np.asarray(tokens, dtype=np.int64), return_counts=True)
+    counts, ids = counts[ids >= 0], ids[ids >= 0]
+    order = np.lexsort((ids, -counts))[:most]
+    return np.sort(ids[order])
 MIN_STEPS = 16  # optimizer steps per epoch, however few the training rows
 
 
@@ -98,16 +106,16 @@ class _Rows:
     """Training arrays and the row indices of each row's history, cut into multi-hot minibatches."""
 
     def __init__(self, model: LearnedModel, experts, lag_rows, hidden, rows: np.ndarray,
-                 buckets: np.ndarray | None = None, request: np.ndarray | None = None) -> None:
+                 tok_rows: np.ndarray | None = None, request: np.ndarray | None = None) -> None:
         """``request`` given: these rows are in the model's token counts, and each row's feature
-        leaves out every row of its own request in its bucket (``_RequestBuckets``)."""
+        leaves out every row of its own request with its token (``_RequestTokens``)."""
         self.model, self.experts, self.lag_rows, self.hidden, self.rows = model, experts, lag_rows, hidden, rows
-        self.buckets = buckets  # [N] token buckets of every row, or None
-        self.groups = None if buckets is None or request is None else _RequestBuckets(request, buckets, rows)
+        self.tok_rows = tok_rows  # [N] every row's row of the token tables (-1: none), or None
+        self.groups = None if tok_rows is None or request is None else _RequestTokens(request, tok_rows, rows)
 
     def batch(self, rows: np.ndarray):
         h = None if self.hidden is None else torch.from_numpy(np.asarray(self.hidden[rows], dtype=np.float32))
-        tok = None if self.buckets is None else torch.from_numpy(self.buckets[rows])
+        tok = None if self.tok_rows is None else torch.from_numpy(self.tok_rows[rows])
         hot = self.model.multi_hot
         cur = hot(self.experts[rows])
         feat = None
@@ -119,19 +127,19 @@ class _Rows:
         return cur, hot(gather_lags(self.experts, self.lag_rows[rows])), h, tok, feat
 
 
-class _RequestBuckets:
-    """The rows of each (request, token bucket) among the counted rows, to take out of a row's counts.
+class _RequestTokens:
+    """The rows of each (request, token) among the counted rows, to take out of a row's counts.
 
     Leaving out only the row itself would let a rare token's other rows in the same request (same
     topic, same context) vouch for its counts in training, while at serving time the counts of a
     rare token come from other requests: the scales would learn to trust them too much.
     """
 
-    def __init__(self, request: np.ndarray, buckets: np.ndarray, rows: np.ndarray) -> None:
-        n = len(buckets)
+    def __init__(self, request: np.ndarray, tok_rows: np.ndarray, rows: np.ndarray) -> None:
+        n = len(tok_rows)
         key = np.full(n, -1, dtype=np.int64)
-        known = rows[buckets[rows] >= 0]
-        pairs = np.stack([np.asarray(request)[known].astype(np.int64), buckets[known]], 1)
+        known = rows[tok_rows[rows] >= 0]
+        pairs = np.stack([np.asarray(request)[known].astype(np.int64), tok_rows[known]], 1)
         _, group = np.unique(pairs, axis=0, return_inverse=True)
         key[known] = group.reshape(-1)
         self.group = key  # [N] group of each counted row (-1: not counted, or no id)
@@ -176,13 +184,13 @@ def _loss(model: LearnedModel, cur, lags, hidden, tok=None, feat=None, weights: 
     return loss / model.lookahead
 
 
-def _count_tokens(model: LearnedModel, experts: np.ndarray, buckets: np.ndarray) -> None:
-    """The model's token counts from these rows (unknown buckets, -1, are skipped)."""
-    known = buckets >= 0
+def _count_tokens(model: LearnedModel, experts: np.ndarray, tok_rows: np.ndarray) -> None:
+    """The model's token counts from these rows (rows without a kept id, -1, are skipped)."""
+    known = tok_rows >= 0
     counts = torch.zeros_like(model.token_counts)
-    counts.index_add_(0, torch.from_numpy(buckets[known]), model.multi_hot(experts[known]))
+    counts.index_add_(0, torch.from_numpy(tok_rows[known]), model.multi_hot(experts[known]))
     model.token_counts.copy_(counts)
-    model.token_rows.copy_(torch.from_numpy(np.bincount(buckets[known], minlength=model.token_buckets)
+    model.token_rows.copy_(torch.from_numpy(np.bincount(tok_rows[known], minlength=model.token_vocab)
                                             .astype(np.float32)))
 
 
@@ -214,7 +222,7 @@ def train_learned(
     phase: np.ndarray | None = None,
     hidden: np.ndarray | None = None,
     tokens: np.ndarray | None = None,
-    token_buckets: int | None = None,
+    token_vocab: int | None = None,
     progress: Callable[[dict], None] | None = None,
 ) -> LearnedModel:
     """Fit the ``learned`` predictor on the rows given (split off held-out rows before calling).
@@ -224,8 +232,8 @@ def train_learned(
     kept). Minibatches are ``batch_rows`` rows, smaller on a small trace so that
     an epoch is at least ``MIN_STEPS`` steps. ``width`` 0 and ``history`` 1 is
     the direct part alone. ``tokens`` [N] are the rows' input token ids: with
-    them the model gets a token part, ids hashed into ``token_buckets`` buckets
-    (None: ``default_token_buckets``; 0: ids not used).
+    them the model gets a token part with counts for the ``token_vocab`` most
+    frequent ids (None: ``default_token_vocab``; 0: ids not used).
     ``progress`` receives ``{"epoch", "epochs", "loss", "val_loss", "val_f1",
     "best_epoch", "seconds"}`` after each epoch (the val fields are None
     without a validation split); ``model.meta["fit"]`` records the epochs run
@@ -247,12 +255,16 @@ def train_learned(
     hidden_size = 0 if hidden is None else int(hidden.shape[-1])
     if tokens is not None and len(tokens) != n:
         raise ValueError(f"tokens has {len(tokens)} rows, experts {n}")
-    if token_buckets is None:
-        token_buckets = default_token_buckets(num_layers, num_experts) if tokens is not None else 0
-    model = LearnedModel(num_layers, num_experts, top_k, lookahead, hidden_size, width, history, token_buckets)
-    buckets = token_buckets_of(tokens, model.token_buckets)
-    train = _Rows(model, experts, lag_rows, hidden, fit, buckets, request=request)
-    val = _Rows(model, experts, lag_rows, hidden, np.flatnonzero(held), buckets)
+    if token_vocab is None:
+        token_vocab = default_token_vocab(num_layers, num_experts)
+    kept = kept_token_ids(tokens, token_vocab) if tokens is not None and token_vocab > 0 else np.zeros(0, np.int64)
+    model = LearnedModel(num_layers, num_experts, top_k, lookahead, hidden_size, width, history, len(kept))
+    tok_rows = None
+    if len(kept):
+        model.token_ids.copy_(torch.from_numpy(kept))
+        tok_rows = token_index(kept, tokens)
+    train = _Rows(model, experts, lag_rows, hidden, fit, tok_rows, request=request)
+    val = _Rows(model, experts, lag_rows, hidden, np.flatnonzero(held), tok_rows)
     with torch.no_grad():
         model.freq.copy_(torch.from_numpy(routing_shares(experts, num_experts)))  # the baseline's shares
         # Start from the layer's marginal distribution: the model then learns only what the features add.
@@ -269,8 +281,8 @@ def train_learned(
             for name, rows in (("path_cur", top_k), ("path_last", top_k), ("path_prev", top_k * num_layers),
                                ("path_hist", top_k * num_layers)):
                 torch.nn.init.normal_(getattr(model, name), std=rows**-0.5, generator=gen)
-        if model.token_buckets:
-            _count_tokens(model, experts[fit], buckets[fit])
+        if model.token_vocab:
+            _count_tokens(model, experts[fit], tok_rows[fit])
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     # A small trace still gets MIN_STEPS optimizer steps per epoch (batches of at least 64 rows).
     batch = min(batch_rows, max(64, -(-len(fit) // MIN_STEPS)))
@@ -307,9 +319,9 @@ def train_learned(
             break
     if best is not None:
         model.load_state_dict(best)
-    if model.token_buckets:  # served with every training row's counts, the validation rows' too
+    if model.token_vocab:  # served with every training row's counts, the validation rows' too
         with torch.no_grad():
-            _count_tokens(model, experts, buckets)
+            _count_tokens(model, experts, tok_rows)
     model.meta["fit"] = {"epochs_run": epoch, "best_epoch": best_epoch, "validation_rows": int(held.sum()),
                          "val_loss": None if best is None else best_loss}
     return model.eval()

@@ -104,10 +104,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="hidden units of the cross-layer path part (default 128; 0: the direct part alone)")
     t.add_argument("--history", type=_positive_int, default=4,
                    help="previous tokens of the request the path part reads (default 4)")
-    t.add_argument("--token-buckets", type=_non_negative_int, default=None, metavar="N",
-                   help="hash buckets of the token part, which reads each row's token id (default: 4096, fewer "
-                        "for models with many layers x experts; 0: ids not used). Traces without ids train "
-                        "without it")
+    t.add_argument("--token-vocab", type=_non_negative_int, default=None, metavar="N",
+                   help="the token part keeps expert counts for the N most frequent token ids of the traces "
+                        "(default: up to 16384, fewer for models with many layers x experts; 0: ids not "
+                        "used). Traces without ids train without it")
     t.add_argument("--batch-rows", type=_positive_int, default=2048, help="rows per minibatch (default 2048)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--lr", type=float, default=0.03)
@@ -172,7 +172,7 @@ def run_train(args: argparse.Namespace) -> int:
                           history=args.history, epochs=args.epochs, patience=args.patience,
                           validation=args.validation, lr=args.lr, batch_rows=args.batch_rows, seed=args.seed,
                           phase=train.phase, hidden=train.hidden, tokens=train.tokens,
-                          token_buckets=args.token_buckets, progress=progress)
+                          token_vocab=args.token_vocab, progress=progress)
     results = None
     if len(test.request):
         results = compare(model, test.experts, test.request, args.lookahead, phase=test.phase,
@@ -185,7 +185,7 @@ def run_train(args: argparse.Namespace) -> int:
         "train": {"traces": [os.path.basename(p) for p in args.traces], "rows": int((~held).sum()),
                   "heldout_rows": int(held.sum()), "holdout": args.holdout, "epochs": args.epochs,
                   "patience": args.patience, "validation": args.validation, "width": args.width,
-                  "history": args.history, "token_buckets": model.token_buckets, "batch_rows": args.batch_rows,
+                  "history": args.history, "token_vocab": model.token_vocab, "batch_rows": args.batch_rows,
                   "seed": args.seed, "lr": args.lr,
                   "phase": args.phase, "seconds": round(time.perf_counter() - t0, 2), **model.meta["fit"]},
     }
@@ -213,7 +213,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--lookahead {lookahead}: the predictor was trained for {model.lookahead}")
     if args.holdout:
         routing = routing.take(holdout_split(routing.request, args.holdout))
-    if model.token_buckets and routing.tokens is None:
+    if model.token_vocab and routing.tokens is None:
         print("note: the trace has no token ids; the predictor's token part is not used", file=out)
     results = compare(model, routing.experts, routing.request, lookahead, phase=routing.phase,
                       hidden=routing.hidden, rows=scored_rows(routing, args.phase), tokens=routing.tokens)

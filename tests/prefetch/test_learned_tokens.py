@@ -1,4 +1,5 @@
-"""The learned predictor's token part: counts per token bucket, left out of their own row in training."""
+"""The learned predictor's token part: expert counts per frequent token id, each request left out of
+its own counts in training."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import pytest
 import torch
 
 from prefetch import build_predictor
-from prefetch.learned import CANDIDATES, FEATURES, TOKEN_FEATURES, LearnedModel, token_buckets_of
-from prefetch.training import default_token_buckets, evaluate, holdout_split, train_learned
+from prefetch.learned import CANDIDATES, FEATURES, TOKEN_FEATURES, LearnedModel, token_index
+from prefetch.training import _RequestTokens, default_token_vocab, evaluate, holdout_split, kept_token_ids, train_learned
 from traces.simulate import SimConfig, build_schedule, capacities_for, simulate
 from traces.synth import SynthConfig, synth_trace
 
@@ -42,7 +43,7 @@ def test_token_part_learns_routing_that_depends_on_the_token(token_routed):
     # 80 % of each row's routing mass follows its token's own popularity: the routing history
     # carries little of it, the token's counts most.
     trace, held, with_ids, without = token_routed
-    assert with_ids.token_buckets > 0 and without.token_buckets == 0
+    assert 0 < with_ids.token_vocab <= 48 and without.token_vocab == 0
     f1 = {"ids": _f1(with_ids, trace, held, True), "none": _f1(without, trace, held, False)}
     assert f1["ids"] > f1["none"] + 0.15, f1
     # the learned scales kept the counts (well above 0) where they carry the signal
@@ -58,17 +59,17 @@ def test_token_part_costs_nothing_where_ids_carry_no_signal():
 
 
 def test_token_feature_by_hand_and_leave_one_out():
-    model = LearnedModel(2, 4, 2, 1, token_buckets=8)
+    model = LearnedModel(2, 4, 2, 1, token_vocab=8)
     with torch.no_grad():
         model.freq.copy_(torch.full((2, 4), 0.5))  # K = 2 of 4 experts: every share 1/2, prior 1/4
-        model.token_counts[3, 0] = torch.tensor([2.0, 2.0, 0.0, 0.0])  # bucket 3: two rows, both used 0 and 1
+        model.token_counts[3, 0] = torch.tensor([2.0, 2.0, 0.0, 0.0])  # token row 3: two rows, both used 0 and 1
         model.token_rows[3] = 2.0
     tok = torch.tensor([3, 5, -1])
     feat = model.token_feature(tok)
     # (count + K * prior) / (K * rows + K) = (2 + 0.5) / 6 for experts 0, 1 and 0.5 / 6 for 2, 3
     want = torch.log(torch.tensor([2.5, 2.5, 0.5, 0.5]) / 6) - np.log(0.25)
     assert torch.allclose(feat[0, 0], want)
-    assert torch.equal(feat[1], torch.zeros(2, 4))  # a bucket never seen: the layer's shares, no change
+    assert torch.equal(feat[1], torch.zeros(2, 4))  # a token never seen: the layer's shares, no change
     assert torch.equal(feat[2], torch.zeros(2, 4))  # no id
     # Leaving out a row that used experts 0 and 1: one row left, (1 + 0.5) / 4 and 0.5 / 4.
     own = torch.zeros(3, 2, 4)
@@ -78,13 +79,24 @@ def test_token_feature_by_hand_and_leave_one_out():
     assert torch.equal(loo[1:], feat[1:])  # rows with no routing of their own, or no id: unchanged
 
 
-def test_buckets_and_defaults():
-    assert token_buckets_of(np.array([5, -1, 4100]), 4096).tolist() == [5, -1, 4]
-    assert token_buckets_of(None, 4096) is None and token_buckets_of(np.array([3]), 0) is None
-    assert default_token_buckets(4, 32) == 4096
-    assert 256 <= default_token_buckets(58, 256) < 4096  # many layers x experts: fewer buckets
-    with pytest.raises(ValueError, match="token_buckets"):
-        LearnedModel(4, 16, 2, 1, token_buckets=-1)
+def test_kept_ids_lookup_and_defaults():
+    # the 3 most frequent ids (9 four times; 2 and 7 twice; 5 once), ties to the smaller id, sorted
+    kept = kept_token_ids(np.array([9, 7, 9, 2, 5, 9, -1, 7, 2, 9, -1, -1]), 3)
+    assert kept.tolist() == [2, 7, 9]
+    assert token_index(kept, np.array([9, 5, -1, 2, 100, 7])).tolist() == [2, -1, -1, 0, -1, 1]
+    assert token_index(kept, None) is None and token_index(np.zeros(0, np.int64), np.array([3])) is None
+    assert default_token_vocab(4, 32) == 16384
+    assert 256 <= default_token_vocab(58, 256) < 4096  # many layers x experts: fewer ids
+    with pytest.raises(ValueError, match="token_vocab"):
+        LearnedModel(4, 16, 2, 1, token_vocab=-1)
+    # rows of one request with the same token are left out together; another request's are not
+    groups = _RequestTokens(np.array([0, 0, 0, 1, 1]), np.array([1, 1, 0, 1, -1]), np.arange(5))
+    model = LearnedModel(2, 4, 1, 1)
+    own, rows = groups.routing(model, np.array([[[0], [1]], [[1], [2]], [[0], [3]], [[2], [2]], [[3], [0]]]),
+                               np.array([0, 3, 4]))
+    assert rows.tolist() == [2.0, 1.0, 0.0]
+    assert own[0].tolist() == [[1.0, 1.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0]]
+    assert own[1].tolist() == [[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0]] and not own[2].any()
     with pytest.raises(ValueError, match="tokens has"):
         train_learned(np.zeros((4, 3, 2), np.int64), np.zeros(4), 16, 1, tokens=np.zeros(3))
 
@@ -93,7 +105,7 @@ def test_live_predict_with_tokens_agrees_with_predict_array(token_routed, tmp_pa
     trace, held, model, _ = token_routed
     model.save(tmp_path / "p.safetensors")
     loaded = LearnedModel.load(tmp_path / "p.safetensors")
-    assert loaded.config()["features"] == TOKEN_FEATURES and loaded.token_buckets == model.token_buckets
+    assert loaded.config()["features"] == TOKEN_FEATURES and loaded.token_vocab == model.token_vocab
     assert all(torch.equal(model.state_dict()[k], loaded.state_dict()[k]) for k in model.state_dict())
     rows = np.flatnonzero(held)[:60]
     e64, request, phase, tokens = trace.experts[rows].astype(np.int64), trace.request[rows], trace.phase[rows], \
@@ -126,7 +138,7 @@ def test_files_without_a_token_part_still_load(tmp_path):
     model = LearnedModel(4, 16, 2, 1, width=8)
     model.save(tmp_path / "plain.safetensors")
     loaded = LearnedModel.load(tmp_path / "plain.safetensors")
-    assert loaded.config()["features"] == FEATURES and loaded.token_buckets == 0
+    assert loaded.config()["features"] == FEATURES and loaded.token_vocab == 0
 
 
 def test_simulator_hands_the_ids_to_the_predictor(token_routed, tmp_path):

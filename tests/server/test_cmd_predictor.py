@@ -80,21 +80,22 @@ def test_eval_text_table_and_errors(trained, capsys, tmp_path):
 
 
 def test_traces_with_token_ids_train_a_token_part(tmp_path, capsys):
-    """`trace synth` writes ids; train reads them (unless --token-buckets 0) and eval reproduces its F1."""
+    """`trace synth` writes ids; train reads them (unless --token-vocab 0) and eval reproduces its F1."""
     trace = tmp_path / "tokens.safetensors"
     assert main(["trace", "synth", "--regime", "tokens", "--requests", "60", "--layers", "4", "--experts", "16",
                  "--top-k", "2", "--vocab", "64", "--prompt-len", "24", "--decode-len", "24", "--out", str(trace)]) == 0
     with_ids, blind = tmp_path / "ids.safetensors", tmp_path / "blind.safetensors"
     f1 = {}
-    for out, extra in ((with_ids, []), (blind, ["--token-buckets", "0"])):
+    for out, extra in ((with_ids, []), (blind, ["--token-vocab", "0"])):
         assert main(["predictor", "train", str(trace), "--out", str(out), "--lookahead", "1", "--epochs", "15",
                      "--width", "16", "--json", *extra]) == 0
         f1[out.name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]["learned"]["1"]["f1"]
-    assert LearnedModel.load(with_ids).token_buckets == 4096 and LearnedModel.load(blind).token_buckets == 0
+    kept = LearnedModel.load(with_ids)
+    assert 0 < kept.token_vocab <= 64 and LearnedModel.load(blind).token_vocab == 0  # ids seen, of 64
     assert f1["ids.safetensors"] > f1["blind.safetensors"] + 0.03, f1  # measured 0.355 against 0.304
     assert main(["predictor", "eval", str(with_ids), "--trace", str(trace), "--holdout", "0.2", "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]["learned"]["1"]["f1"]
     assert evaluated == f1["ids.safetensors"]
     with pytest.raises(SystemExit) as exc:
-        main(["predictor", "train", str(trace), "--out", str(blind), "--token-buckets", "-1"])
-    assert exc.value.code == 2 and "--token-buckets" in capsys.readouterr().err
+        main(["predictor", "train", str(trace), "--out", str(blind), "--token-vocab", "-1"])
+    assert exc.value.code == 2 and "--token-vocab" in capsys.readouterr().err
