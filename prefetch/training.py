@@ -1,9 +1,9 @@
 """Training and evaluation of predictors on routing arrays (no trace files here).
 
 Design: everything works on the arrays a trace holds (``experts [N, L, K]``,
-``request [N]``, optionally ``phase [N]`` and ``hidden [N, L, H]``), so the
-offline tooling in traces/ and server/ can feed it without this package knowing
-any file format.
+``request [N]``, optionally ``phase [N]``, ``hidden [N, L, H]`` and
+``tokens [N]``), so the offline tooling in traces/ and server/ can feed it
+without this package knowing any file format.
 
 Training is minibatch Adam over every (row, source layer, distance) of a batch
 of rows at once: one embedding-bag and a few batched matrix products per
@@ -49,6 +49,7 @@ from prefetch.learned import LearnedModel, gather_lags, history_rows, previous_r
 # probabilities [N, L-d, W]).
 ArrayPredictor = Callable[..., tuple[np.ndarray, np.ndarray]]
 COPY_THRESHOLD = 0.5
+MIN_STEPS = 16  # optimizer steps per epoch, however few the training rows
 # Token ids the token part keeps counts for, the most frequent first: at most TOKEN_VOCAB, and no
 # more counts ([ids, layers, experts] floats) than TOKEN_COUNTS_MAX, so the predictor file stays
 # under 32 MiB for any model shape.
@@ -67,7 +68,6 @@ def kept_token_ids(tokens: np.ndarray, most: int) -> np.ndarray:
     counts, ids = counts[ids >= 0], ids[ids >= 0]
     order = np.lexsort((ids, -counts))[:most]
     return np.sort(ids[order])
-MIN_STEPS = 16  # optimizer steps per epoch, however few the training rows
 
 
 def holdout_split(request: np.ndarray, holdout: float) -> np.ndarray:
@@ -139,9 +139,10 @@ class _RequestTokens:
         n = len(tok_rows)
         key = np.full(n, -1, dtype=np.int64)
         known = rows[tok_rows[rows] >= 0]
-        pairs = np.stack([np.asarray(request)[known].astype(np.int64), tok_rows[known]], 1)
-        _, group = np.unique(pairs, axis=0, return_inverse=True)
-        key[known] = group.reshape(-1)
+        if len(known):
+            pairs = np.stack([np.asarray(request)[known].astype(np.int64), tok_rows[known]], 1)
+            _, group = np.unique(pairs, axis=0, return_inverse=True)
+            key[known] = group.reshape(-1)
         self.group = key  # [N] group of each counted row (-1: not counted, or no id)
         order = known[np.argsort(key[known], kind="stable")]
         self.members = order  # counted rows sorted by group

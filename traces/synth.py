@@ -19,9 +19,9 @@ and another ignores, and every table is taken over a grid of regimes:
 - ``token_weight``: every row carries a token id, drawn Zipf(1) from ``vocab``
   ids; each id has its own popularity per layer (a Zipf profile of exponent
   ``TOKEN_SKEW`` over a permutation of the experts: a token favours a few
-  experts per layer), which takes ``token_weight``
-  of the row's routing mass (routing that depends on the token itself, as real
-  routers' does). At 0 the ids are drawn but carry no signal;
+  experts per layer), which takes ``token_weight`` of the row's routing mass
+  (routing that depends on the token itself, as real routers' does). At 0 the
+  ids are drawn but carry no signal;
 - ``requests``, ``prompt_len``, ``decode_len`` (means; lengths vary +-50 %):
   a request's prompt is one prefill step (phase 0, all rows sharing a step) and
   each decode token is its own step, as the engine records them.
