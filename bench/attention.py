@@ -12,13 +12,12 @@ rounds; ``KV GB/s`` is the cache bytes read per call over the native kernel's ti
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 
 from bench.decode import cpu_description
+from bench.policy_table import write_report
 
 SHAPES = {  # name -> (query heads, KV heads, head dim)
     "mha16x64": (16, 16, 64),  # OLMoE
@@ -114,9 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         report = {"cpu": cpu_description(), "threads": torch.get_num_threads(), "isa": native_cpu.isa(),
                   "calls": args.calls, "repeat": args.repeat, "rows": rows, "date": time.strftime("%Y-%m-%d")}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
-        print(f"wrote {args.out}")
+        write_report(args.out, report)
     return 0
 
 

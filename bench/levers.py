@@ -22,7 +22,6 @@ baseline over all traces, and the mean hit rate.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import subprocess
@@ -32,7 +31,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.policy_table import run_info
+from bench.policy_table import run_info, write_report
 from traces.format import load_trace, save_trace
 from traces.simulate import SimConfig, build_schedule, capacities_for, simulate
 from traces.synth import regime, synth_trace
@@ -164,9 +163,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['mean_host_share']:6.1%}")
     print(f"({time.perf_counter() - t0:.0f} s)")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"run": run_info(argv), "rows": rows, "summary": table}, indent=1))
-        print(f"wrote {args.out}")
+        write_report(args.out, {"run": run_info(argv), "rows": rows, "summary": table})
     return 0
 
 

@@ -20,7 +20,6 @@ prediction gains on real routing.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 from bench.decode import SHAPES, build_checkpoint
-from bench.policy_table import run_info
+from bench.policy_table import run_info, write_report
 from bench.prefetch_live import run_config
 from engine import Engine
 from engine.generation import SamplingParams
@@ -145,10 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{s['hit_rate']:6.3f}")
     print(f"({time.perf_counter() - t0:.0f} s)")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"run": run_info(argv), "layer_seconds": layer_s, "page_bytes": page,
-                                              "rows": rows, "summary": summary}, indent=1))
-        print(f"wrote {args.out}")
+        write_report(args.out, {"run": run_info(argv), "layer_seconds": layer_s, "page_bytes": page,
+                                              "rows": rows, "summary": summary})
     return 0
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from bench.decode import SHAPES, build_checkpoint, cpu_description
+from bench.policy_table import write_report
 
 
 def decode_ms_per_token(eng, prompt: list[int], tokens: int) -> float:
@@ -108,9 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {"cpu": cpu_description(), "threads": torch.get_num_threads(), "shape": SHAPES[shape_name],
                   "dtype": str(dtype), "compare": args.compare, "tokens": args.tokens, "repeat": args.repeat, "rows": rows,
                   "date": time.strftime("%Y-%m-%d")}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
-        print(f"wrote {args.out}")
+        write_report(args.out, report)
     return 0
 
 

@@ -14,7 +14,6 @@ time, per decode token.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 from bench.decode import SHAPES, build_checkpoint
-from bench.policy_table import run_info
+from bench.policy_table import run_info, write_report
 from engine import Engine
 from engine.generation import SamplingParams
 
@@ -92,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {row['op']:<52} {row['ms_per_token']:7.2f} ms  ({row['calls']} calls)")
     eng.close()
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"run": run_info(argv), "shape": shape, "runs": runs, "profile": profile}, indent=1))
-        print(f"wrote {args.out}")
+        write_report(args.out, {"run": run_info(argv), "shape": shape, "runs": runs, "profile": profile})
     return 0
 
 

@@ -35,6 +35,13 @@ from traces.format import load_trace
 from traces.simulate import SimConfig, build_schedule, capacities_for, simulate
 
 
+def write_report(path: str | os.PathLike, report: dict) -> None:
+    """A benchmark's JSON report at ``path`` (parent folders made), and a line saying where."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=1))
+    print(f"wrote {path}")
+
+
 def run_info(argv: list[str] | None = None) -> dict:
     """Machine, date and command of a benchmark run, for its JSON."""
     import torch

@@ -27,7 +27,6 @@ layer (``observe`` is timed separately).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.policy_table import run_info
+from bench.policy_table import run_info, write_report
 from prefetch.learned import LearnedPredictor
 from prefetch.training import (
     decode_rows,
@@ -170,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             print(_fmt_row(case["case"], name, p))
     print("wasted / covered at lookahead 1: copies at probability >= 0.5 (the planner's busy-link threshold); "
           "pred_us: LearnedPredictor.predict per layer at T=1")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({**run_info(argv), "args": vars(args), "cases": cases}, indent=1))
-    print(f"wrote {args.out}")
+    write_report(args.out, {**run_info(argv), "args": vars(args), "cases": cases})
     return 0
 
 

@@ -200,14 +200,19 @@ class Engine:
                 self.cache.start_request(rid)
                 runtime.prefetching.begin_request()
         runtime.prefetching.reset()
-        tokens = getattr(info, "tokens", None) if runtime.prefetching.wants_tokens else None
-        if tokens is not None:  # the rows the layers route: padding rows do not reach the experts function
-            tokens = tokens.cpu()
-            runtime.prefetching.observe_tokens((tokens[real] if real is not None else tokens).reshape(-1).numpy())
-        if self.config.record_trace is not None:
+        recording = self.config.record_trace is not None
+        # The real rows' input ids, the rows the layers route (padding never reaches the experts
+        # function), brought to the host once for whoever reads them.
+        tokens = getattr(info, "tokens", None) if recording or runtime.prefetching.wants_tokens else None
+        if tokens is not None:
+            tokens = tokens.cpu().reshape(-1)
+            if real is not None:
+                tokens = tokens[real]
+            if runtime.prefetching.wants_tokens:
+                runtime.prefetching.observe_tokens(tokens.numpy())
+        if recording:
             sel = real if real is not None else torch.ones_like(request, dtype=torch.bool)
-            self.recorder.begin_step(request[sel], position[sel], int(info.phase),
-                                     info.tokens.cpu()[sel] if info.tokens is not None else None)
+            self.recorder.begin_step(request[sel], position[sel], int(info.phase), tokens)
         try:
             yield
         finally:
