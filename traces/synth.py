@@ -48,7 +48,6 @@ import numpy as np
 
 from traces.format import Trace
 
-
 TOKEN_SKEW = 2.0
 
 
