@@ -7,13 +7,21 @@ import numpy as np
 import pytest
 import torch
 
+from bench.prefetch_table import take_rows
 from prefetch import build_predictor
 from prefetch.learned import CANDIDATES, FEATURES, TOKEN_FEATURES, LearnedModel, token_index
-from prefetch.training import _RequestTokens, default_token_vocab, evaluate, holdout_split, kept_token_ids, train_learned
+from prefetch.training import (
+    _RequestTokens,
+    default_token_vocab,
+    evaluate,
+    holdout_split,
+    kept_token_ids,
+    train_learned,
+)
 from traces.simulate import SimConfig, build_schedule, capacities_for, simulate
 from traces.synth import SynthConfig, synth_trace
 
-SMALL = dict(layers=4, experts=16, top_k=2, requests=40, prompt_len=6, decode_len=24, vocab=48)
+SMALL = {"layers": 4, "experts": 16, "top_k": 2, "requests": 40, "prompt_len": 6, "decode_len": 24, "vocab": 48}
 
 
 def _trace(token_weight: float, seed: int = 0):
@@ -146,10 +154,7 @@ def test_simulator_hands_the_ids_to_the_predictor(token_routed, tmp_path):
     trace, held, model, _ = token_routed
     path = tmp_path / "p.safetensors"
     model.save(path)
-    test = synth_trace(SynthConfig(skew=0.6, locality=0.2, token_weight=0.8, seed=0, **dict(SMALL, requests=40)))
-    keep = holdout_split(test.request, 0.25)
-    from bench.prefetch_table import take_rows
-    test = take_rows(test, keep)
+    test = take_rows(trace, held)  # the requests the model did not train on
     caps, scope = capacities_for(test, capacity_fraction=0.25)
     schedule = build_schedule(test, per_token=True)
     cfg = SimConfig(policy="lru", capacities=tuple(caps), scope=scope, prefetch="learned", predictor_path=str(path),
