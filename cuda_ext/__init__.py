@@ -14,7 +14,7 @@ and ``attention`` (``attention.py``) decode attention over a KV cache; native C+
 override their torch references for CPU tensors once built.
 """
 
-from cuda_ext.attention import attention, attention_reference
+from cuda_ext.attention import attention, attention_reference, qkv_rope, qkv_rope_reference
 from cuda_ext.cpu import (
     Int8Linear,
     NativeLinear,

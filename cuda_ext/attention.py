@@ -17,8 +17,10 @@ from __future__ import annotations
 import torch
 
 from cuda_ext import native_cpu
+from cuda_ext.cpu import rms_norm_reference
 
 ATTENTION_OP = "moepager::attention"
+QKV_ROPE_OP = "moepager::qkv_rope"
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -37,6 +39,43 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     return torch.matmul(p, vf).transpose(1, 2).contiguous().to(q.dtype)  # [B, Tq, Hq, Dv]
 
 
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def qkv_rope_reference(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hq: int, hkv: int,
+                       q_w: torch.Tensor | None, k_w: torch.Tensor | None, eps: float, mode: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decode step's attention inputs from the fused q/k/v projection ``y`` [B, T, (hq + 2 hkv) D].
+
+    q and k get an RMSNorm (``rms_norm_reference`` with ``eps`` and ``mode``) when their weight is
+    given: over the whole projection for a weight of hq * D (OLMoE), per head for one of D (Qwen3);
+    then the rotary embedding with cos/sin [1|B, T, D], in transformers' order and rounding
+    (``x * cos + rotate_half(x) * sin``). Returns q [B, hq, T, D], k and v [B, hkv, T, D], contiguous.
+    """
+    B, T, width = y.shape
+    d = width // (hq + 2 * hkv)
+
+    def part(lo: int, heads: int, w: torch.Tensor | None) -> torch.Tensor:
+        x = y[..., lo * d:(lo + heads) * d]
+        if w is not None:
+            x = rms_norm_reference(x.reshape(B, T, heads, d) if w.numel() == d else x, w, eps, mode)
+        return x.reshape(B, T, heads, d).transpose(1, 2)  # [B, heads, T, D]
+
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)  # [1|B, 1, T, D]
+    q, k, v = part(0, hq, q_w), part(hq, hkv, k_w), part(hq + hkv, hkv, None)
+    q = q * c + _rotate_half(q) * s
+    k = k * c + _rotate_half(k) * s
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def _qkv_rope_fake(y, cos, sin, hq, hkv, q_w, k_w, eps, mode):
+    B, T, width = y.shape
+    d = width // (hq + 2 * hkv)
+    return y.new_empty((B, hq, T, d)), y.new_empty((B, hkv, T, d)), y.new_empty((B, hkv, T, d))
+
+
 def _attention_fake(q, k, v, mask, scale):
     return q.new_empty((q.shape[0], q.shape[2], q.shape[1], v.shape[3]))
 
@@ -47,6 +86,10 @@ def _declare() -> None:
     torch.library.define(ATTENTION_OP, "(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor")
     torch.library.impl(ATTENTION_OP, "default", attention_reference)
     torch.library.register_fake(ATTENTION_OP, _attention_fake)
+    torch.library.define(QKV_ROPE_OP, "(Tensor y, Tensor cos, Tensor sin, int hq, int hkv, Tensor? q_w, Tensor? k_w, "
+                         "float eps, int mode) -> (Tensor, Tensor, Tensor)")
+    torch.library.impl(QKV_ROPE_OP, "default", qkv_rope_reference)
+    torch.library.register_fake(QKV_ROPE_OP, _qkv_rope_fake)
 
 
 _declare()
@@ -63,4 +106,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return torch.ops.moepager.attention(q, k, v, mask, float(scale))
 
 
-__all__ = ["ATTENTION_OP", "attention", "attention_reference"]
+def qkv_rope(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hq: int, hkv: int,
+             q_w: torch.Tensor | None = None, k_w: torch.Tensor | None = None, eps: float = 1e-6, mode: int = 0
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``qkv_rope_reference``'s result, native on CPU (one call for the norms, the rotary embedding
+    and the head layout, which take a dozen small torch ops in transformers' modules)."""
+    if y.device.type == "cpu":
+        native_cpu.available()
+    return torch.ops.moepager.qkv_rope(y, cos, sin, int(hq), int(hkv), q_w, k_w, float(eps), int(mode))
+
+
+__all__ = ["ATTENTION_OP", "QKV_ROPE_OP", "attention", "attention_reference", "qkv_rope", "qkv_rope_reference"]

@@ -78,6 +78,21 @@ class LinearGroup:
         self._x = self._outs = None
         self._pending = set()
 
+    def whole(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Every member's rows for ``x`` from one call, ``[..., sum of rows]`` in member order; None
+        when the group cannot serve ``x`` (dissolved, not on the CPU, too many rows, autograd)."""
+        if not self.active or x.device.type != "cpu" or x.dim() == 0 or x.numel() > MAX_ROWS * x.shape[-1]:
+            return None
+        if torch.is_grad_enabled():
+            return None
+        if any(getattr(m, n).data_ptr() != p for m, ptrs in zip(self.members, self._ptrs)
+               for n, p in zip(self.names, ptrs)):  # a member's weight was replaced: no longer ours
+            self.dissolve()
+            return None
+        f = self.fused
+        return (linear_int8(x, f["qweight"], f["scales"], f.get("bias")) if self.int8
+                else linear(x, f["weight"], f.get("bias")))
+
     def output(self, i: int, x: torch.Tensor) -> torch.Tensor | None:
         """Member ``i``'s output for ``x``, or None when it must compute alone."""
         if x is self._x and x._version == self._version and i in self._pending:
@@ -89,15 +104,9 @@ class LinearGroup:
         if self._pending:  # a member was not called on the last input: they do not share inputs
             self.dissolve()
             return None
-        if x.device.type != "cpu" or x.dim() == 0 or x.numel() > MAX_ROWS * x.shape[-1] or torch.is_grad_enabled():
+        y = self.whole(x)
+        if y is None:
             return None
-        if any(getattr(m, n).data_ptr() != p for m, ptrs in zip(self.members, self._ptrs)
-               for n, p in zip(self.names, ptrs)):  # a member's weight was replaced: no longer ours
-            self.dissolve()
-            return None
-        f = self.fused
-        y = (linear_int8(x, f["qweight"], f["scales"], f.get("bias")) if self.int8
-             else linear(x, f["weight"], f.get("bias")))  # [..., sum of rows]
         many = x.numel() > x.shape[-1]  # a slice of more than one row is strided: hand out a copy
         outs = [y[..., a:b].contiguous() if many else y[..., a:b] for a, b in self.bounds]
         self._x, self._version, self._outs = x, x._version, outs

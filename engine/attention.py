@@ -15,16 +15,33 @@ costs several times what reading the cache does, and its cost grows with the con
 Semantics follow ``sdpa_attention_forward``: one query token attends every key it is
 given (``is_causal`` is never set at one token); several query tokens only with a mask
 (without one, sdpa would apply a causal mask of its own alignment, which stays sdpa's).
+
+The whole attention block at decode (``use_decode_blocks``): around the attention function,
+a transformers attention module spends about as long again on a dozen small torch ops
+(the q/k norms, the rotary embedding, the head layout) and its Python layers as the native
+kernels spend reading its weights. For modules of the usual shape (q/k/v/o projections
+grouped by ``cuda_ext.linear_group``, optional q/k RMSNorms, rotary cos/sin of the full
+head width) the module's class is swapped for a subclass whose forward, at a few query
+tokens on the CPU, runs the fused projection, ``cuda_ext.qkv_rope`` (norms, rotary and
+layout in one op), the cache update, the attention function and the output projection,
+and otherwise calls the module's own forward. A class is swapped only after a probe:
+its own forward and the fast one, on random inputs over a cache with a history, must give
+bit-identical outputs and caches, so a module that computes anything else keeps its code.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
+
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from cuda_ext import attention
+from cuda_ext import NativeRMSNorm, attention, qkv_rope
+from engine.kv_rows import GrowingLayer
 
 NAME = "moepager_sdpa"
 MAX_QUERY_TOKENS = 16  # more query tokens (prefill) is a GEMM-shaped problem: sdpa's flash kernel
@@ -90,4 +107,169 @@ def use_native_attention(model: torch.nn.Module) -> bool:
     return model.config._attn_implementation == NAME
 
 
-__all__ = ["MAX_QUERY_TOKENS", "NAME", "attention_forward", "register", "use_native_attention"]
+# -- the whole attention block at decode -------------------------------------------------------
+_CACHE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer, GrowingLayer)  # update(k, v) needs nothing more
+
+
+class _BlockPlan:
+    """What the fast forward needs of one attention module, read once when its class is swapped."""
+
+    def __init__(self, group, hq: int, hkv: int, d: int, q_w, k_w, eps: float, mode: int, cache_arg: str) -> None:
+        self.group, self.hq, self.hkv, self.d = group, hq, hkv, d
+        self.q_w, self.k_w, self.eps, self.mode = q_w, k_w, eps, mode
+        self.cache_arg = cache_arg  # the forward's name for the cache: "cache" or "past_key_values"
+
+
+def _block_plan(module: torch.nn.Module) -> _BlockPlan | None:
+    """The fast forward's plan for ``module``, or None when it does not have the usual shape."""
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    if not all(isinstance(getattr(module, n, None), torch.nn.Module) for n in names):
+        return None
+    q, k, v = module.q_proj, module.k_proj, module.v_proj
+    group = getattr(q, "group", None)
+    if group is None or not group.active or group.members != [q, k, v]:
+        return None
+    d, layer_idx = getattr(module, "head_dim", None), getattr(module, "layer_idx", None)
+    if not isinstance(d, int) or not isinstance(layer_idx, int) or not isinstance(getattr(module, "scaling", None),
+                                                                                 float):
+        return None
+    rows = [m.out_features for m in (q, k, v)]
+    if d <= 0 or d % 2 or rows[0] % d or rows[1] % d or rows[1] != rows[2]:
+        return None
+    if getattr(getattr(module, "config", None), "clip_qkv", None) is not None:
+        return None
+    hq, hkv = rows[0] // d, rows[1] // d
+    q_norm, k_norm = getattr(module, "q_norm", None), getattr(module, "k_norm", None)
+    q_w = k_w = None
+    eps, mode = 1e-6, 0
+    if q_norm is not None or k_norm is not None:
+        if type(q_norm) is not NativeRMSNorm or type(k_norm) is not NativeRMSNorm:
+            return None
+        if (q_norm.eps, q_norm.mode) != (k_norm.eps, k_norm.mode):
+            return None
+        if q_norm.weight.numel() not in (hq * d, d) or k_norm.weight.numel() not in (hkv * d, d):
+            return None
+        q_w, k_w, eps, mode = q_norm.weight, k_norm.weight, q_norm.eps, q_norm.mode
+    params = inspect.signature(type(module).forward).parameters
+    if list(params)[:4] != ["self", "hidden_states", "position_embeddings", "attention_mask"]:
+        return None  # the fast forward's fallback passes these three by position
+    cache_arg = "cache" if "cache" in params else "past_key_values" if "past_key_values" in params else None
+    if cache_arg is None:
+        return None
+    return _BlockPlan(group, hq, hkv, d, q_w, k_w, eps, mode, cache_arg)
+
+
+_OWN_ARGS = ("cache", "past_key_values", "dropout", "scaling", "sliding_window")  # set by the fast forward itself
+
+
+class _DecodeBlock:
+    """Mixed in before an attention class (see the module docstring): the fast forward, or the
+    class's own."""
+
+    _moepager_block: _BlockPlan
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
+        out = self._moepager_fast(hidden_states, position_embeddings, attention_mask, args, kwargs)
+        if out is None:
+            return super().forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+        return out
+
+    def _moepager_fast(self, hidden, position_embeddings, mask, args, kwargs):
+        plan = self._moepager_block
+        cache = kwargs.get(plan.cache_arg)
+        if args or cache is None or position_embeddings is None or self.training or kwargs.get("output_attentions"):
+            return None
+        if hidden.dim() != 3 or hidden.shape[1] > MAX_QUERY_TOKENS or self.config._attn_implementation != NAME:
+            return None
+        if type(cache) is not DynamicCache or len(cache.layers) <= self.layer_idx:
+            return None
+        if type(cache.layers[self.layer_idx]) not in _CACHE_LAYERS:
+            return None
+        cos, sin = position_embeddings
+        if cos.dim() != 3 or cos.shape[-1] != plan.d or cos.shape[1] != hidden.shape[1]:
+            return None
+        y = plan.group.whole(hidden)  # [B, T, (hq + 2 hkv) d]; None on another device, at autograd, ...
+        if y is None:
+            return None
+        q, k, v = qkv_rope(y, cos, sin, plan.hq, plan.hkv, plan.q_w, plan.k_w, plan.eps, plan.mode)
+        k, v = cache.update(k, v, self.layer_idx)
+        rest = {n: a for n, a in kwargs.items() if n not in _OWN_ARGS}
+        out, _ = attention_forward(self, q, k, v, mask, dropout=0.0, scaling=self.scaling,
+                                   sliding_window=getattr(self.config, "sliding_window", None), **rest)
+        return self.o_proj(out.reshape(*hidden.shape[:-1], -1)), None
+
+
+_DECODE_CLASSES: dict[type, type] = {}
+
+
+def _decode_class(cls: type) -> type:
+    if cls not in _DECODE_CLASSES:
+        _DECODE_CLASSES[cls] = type(f"Decode{cls.__name__}", (_DecodeBlock, cls), {"__module__": __name__})
+    return _DECODE_CLASSES[cls]
+
+
+def _probe(module: torch.nn.Module, plan: _BlockPlan) -> bool:
+    """Whether the fast forward reproduces ``module``'s own bit for bit: a 3-token history, then one
+    token and two (with a causal mask), on random inputs and cos/sin, each over its own copy of the
+    cache."""
+    p = module.q_proj.group.members[0]
+    dtype = (p.weight if hasattr(p, "weight") else p.scales).dtype
+    H = p.in_features
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    fast_cls = _decode_class(type(module))
+    own_cls = type(module)
+    try:
+        with torch.no_grad():
+            cache = DynamicCache()
+            x0 = rnd(1, 3, H)
+            module(x0, (rnd(1, 3, plan.d), rnd(1, 3, plan.d)), None, **{plan.cache_arg: cache})
+            for t in (1, 2):
+                x, pe = rnd(1, t, H), (rnd(1, t, plan.d), rnd(1, t, plan.d))
+                n = cache.layers[module.layer_idx].keys.shape[-2]
+                mask = torch.ones(t, n + t, dtype=torch.bool).tril(n)[None, None]  # [1, 1, t, n + t]
+                mine = copy.deepcopy(cache)
+                want = module(x, pe, mask, **{plan.cache_arg: cache})[0]
+                module.__class__ = fast_cls
+                module._moepager_block = plan
+                try:
+                    got = module._moepager_fast(x, pe, mask, (), {plan.cache_arg: mine})
+                finally:
+                    module.__class__ = own_cls
+                a, b = cache.layers[module.layer_idx], mine.layers[module.layer_idx]
+                if got is None or not torch.equal(got[0], want) or not torch.equal(a.keys, b.keys) \
+                        or not torch.equal(a.values, b.values):
+                    return False
+    except Exception:  # noqa: BLE001 - a module the probe cannot drive is simply not swapped
+        return False
+    return True
+
+
+def use_decode_blocks(model: torch.nn.Module) -> int:
+    """Swap the class of every attention module of ``model`` that ``_block_plan`` reads and a probe
+    (one per class) confirms, on a model that runs ``NAME``; returns how many were swapped."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != NAME:
+        return 0
+    verdict: dict[type, bool] = {}
+    swapped = 0
+    for module in list(model.modules()):
+        if isinstance(module, _DecodeBlock):
+            continue
+        plan = _block_plan(module)
+        if plan is None:
+            continue
+        cls = type(module)
+        if cls not in verdict:
+            verdict[cls] = _probe(module, plan)
+        if verdict[cls]:
+            module._moepager_block = plan
+            module.__class__ = _decode_class(cls)
+            swapped += 1
+    return swapped
+
+
+__all__ = ["MAX_QUERY_TOKENS", "NAME", "attention_forward", "register", "use_decode_blocks", "use_native_attention"]

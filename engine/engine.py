@@ -25,7 +25,7 @@ from transformers.integrations.moe import ExpertsInterface
 from cache.base import is_offline_only
 from cuda_ext import cpu_kernel_status, native_cpu, native_status, select_expert_ffn
 from cuda_ext.linear_group import group_sibling_linears
-from engine.attention import use_native_attention
+from engine.attention import use_decode_blocks, use_native_attention
 from engine.build import LinkFactory, build_policy, build_runtime
 from engine.config import EngineConfig
 from engine.dense import use_int8_dense, use_native_dense, use_native_norms
@@ -137,13 +137,15 @@ class Engine:
         self.native_norms = use_native_norms(self.model) if native_host else 0
         self.linear_groups = group_sibling_linears(self.model) if native_host else 0
         self.native_attention = use_native_attention(self.model) if native_host else False
+        self.decode_blocks = use_decode_blocks(self.model) if self.native_attention else 0
         if config.progress:
             k = self.kernels()
             print(f"moepager: expert pages {k['expert_pages']}, experts computed by {k['expert_compute']}, "
                   f"CPU kernels {k['moe_ffn']} (CPU ISA {k['cpu_isa']}), {self.native_dense} dense layers, "
                   f"{self.int8_dense} int8 dense layers, {self.native_norms} norms native and "
                   f"{self.linear_groups} groups of sibling linears fused; decode attention "
-                  f"{'native' if self.native_attention else 'transformers'}",
+                  f"{'native' if self.native_attention else 'transformers'}, {self.decode_blocks} attention "
+                  "blocks fused",
                   file=sys.stderr, flush=True)
         self._seq_ids = itertools.count()  # sequence ids unique over the engine's life (traces need it)
         self.last_tokens_per_second = 0.0
@@ -160,6 +162,7 @@ class Engine:
                 "dense_native_layers": self.native_dense, "dense_int8_layers": self.int8_dense,
                 "norm_native_layers": self.native_norms, "linear_groups": self.linear_groups,
                 "decode_attention": "native" if self.native_attention else "transformers",
+                "attention_blocks_fused": self.decode_blocks,
                 "cuda_expert_ffn": native_status()}
 
     @classmethod

@@ -580,6 +580,81 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double ep
   return out;
 }
 
+// Rotary embedding of one head's vector, torch's rounding: x * cos and rotate_half(x) * sin are each
+// rounded to the dtype, then their sum (cuda_ext/attention.py qkv_rope_reference). No FMA: this file
+// is compiled without it, so each product is rounded as torch rounds it.
+template <typename T, typename C>
+void rope_head(const T* x, const C* c, const C* s, T* out, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < D; ++i) {
+    const float xi = to_f(x[i]);
+    const float rot = i < half ? -to_f(x[i + half]) : to_f(x[i - half]);
+    const float a = round_to<T>(xi * to_f(c[i]));
+    const float b = round_to<T>(rot * to_f(s[i]));
+    out[i] = static_cast<T>(a + b);
+  }
+}
+
+// One decode step's attention inputs from the fused q/k/v projection y [B, T, (Hq + 2 Hkv) D]:
+// optional RMSNorms of q and k (over the whole projection, or per head when the weight is [D]),
+// rotary embedding of q and k with cos/sin [1|B, T, D], and v. Returns q [B, Hq, T, D],
+// k [B, Hkv, T, D], v [B, Hkv, T, D], contiguous, in y's dtype: the tensors transformers'
+// attention modules hand to the cache and the attention function.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope_cpu(
+    const at::Tensor& y, const at::Tensor& cos, const at::Tensor& sin, int64_t hq, int64_t hkv,
+    const c10::optional<at::Tensor>& q_w, const c10::optional<at::Tensor>& k_w, double eps, int64_t mode) {
+  TORCH_CHECK(y.dim() == 3 && hq > 0 && hkv > 0 && y.size(2) % (hq + 2 * hkv) == 0,
+              "qkv_rope: y must be [B, T, (hq + 2 hkv) * D], got ", y.sizes(), " for hq ", hq, ", hkv ", hkv);
+  const int64_t B = y.size(0), T = y.size(1), D = y.size(2) / (hq + 2 * hkv);
+  TORCH_CHECK(D % 2 == 0, "qkv_rope: head dim ", D, " must be even");
+  TORCH_CHECK(cos.dim() == 3 && cos.sizes() == sin.sizes() && (cos.size(0) == 1 || cos.size(0) == B) &&
+              cos.size(1) == T && cos.size(2) == D, "qkv_rope: cos/sin must be [1|B, ", T, ", ", D, "], got ",
+              cos.sizes(), " and ", sin.sizes());
+  TORCH_CHECK(cos.scalar_type() == sin.scalar_type(), "qkv_rope: cos and sin dtypes differ");
+  for (const at::Tensor* t : {&y, &cos})
+    TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16 || t->scalar_type() == at::kHalf,
+                "qkv_rope: y, cos and sin must be float32, bfloat16 or float16, got ", t->scalar_type());
+  const at::Tensor yc = y.contiguous();
+  auto normed = [&](const at::Tensor& part, const c10::optional<at::Tensor>& w, int64_t heads, const char* what) {
+    if (!w.has_value()) return part;
+    const int64_t n = w->numel();
+    TORCH_CHECK(w->dim() == 1 && (n == heads * D || n == D), "qkv_rope: ", what, " norm weight must be [",
+                heads * D, "] or [", D, "], got ", w->sizes());
+    at::Tensor out = rms_norm_cpu(n == D ? part.reshape({B, T, heads, D}) : part, *w, eps, mode);
+    TORCH_CHECK(out.scalar_type() == y.scalar_type(), "qkv_rope: the ", what, " norm changes the dtype");
+    return out.reshape({B, T, heads * D});
+  };
+  const at::Tensor q = normed(yc.narrow(2, 0, hq * D), q_w, hq, "q").contiguous();
+  const at::Tensor k = normed(yc.narrow(2, hq * D, hkv * D), k_w, hkv, "k").contiguous();
+  at::Tensor qo = at::empty({B, hq, T, D}, y.options());
+  at::Tensor ko = at::empty({B, hkv, T, D}, y.options());
+  at::Tensor vo = yc.narrow(2, (hq + hkv) * D, hkv * D).reshape({B, T, hkv, D}).transpose(1, 2).contiguous();
+  const at::Tensor cc = cos.contiguous(), sc = sin.contiguous();
+  const int64_t cb = cos.size(0) == 1 ? 0 : T * D;
+  with_float_type(y.scalar_type(), "y", [&](auto xt) {
+    with_float_type(cos.scalar_type(), "cos", [&](auto ct) {
+      using X = decltype(xt);
+      using C = decltype(ct);
+      const X* qp = q.data_ptr<X>();
+      const X* kp = k.data_ptr<X>();
+      const C* cp = cc.data_ptr<C>();
+      const C* sp = sc.data_ptr<C>();
+      X* qop = qo.data_ptr<X>();
+      X* kop = ko.data_ptr<X>();
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t t = 0; t < T; ++t) {
+          const C* c = cp + b * cb + t * D;
+          const C* s = sp + b * cb + t * D;
+          for (int64_t h = 0; h < hq; ++h)
+            rope_head<X, C>(qp + ((b * T + t) * hq + h) * D, c, s, qop + ((b * hq + h) * T + t) * D, D);
+          for (int64_t h = 0; h < hkv; ++h)
+            rope_head<X, C>(kp + ((b * T + t) * hkv + h) * D, c, s, kop + ((b * hkv + h) * T + t) * D, D);
+        }
+    });
+  });
+  return {qo, ko, vo};
+}
+
 // Reads every byte of t once, split across threads (the machine's read bandwidth, for benchmarks);
 // returns an XOR of the words so the reads cannot be optimised away.
 int64_t stream_read(const at::Tensor& t) {
@@ -639,6 +714,7 @@ TORCH_LIBRARY_IMPL(moepager, CPU, m) {
   m.impl("linear_int8", &moepager_cpu::linear_int8_cpu);
   m.impl("rms_norm", &moepager_cpu::rms_norm_cpu);
   m.impl("attention", &moepager_cpu::attention_cpu);
+  m.impl("qkv_rope", &moepager_cpu::qkv_rope_cpu);
 }
 
 TORCH_LIBRARY(moepager_cpu, m) {
