@@ -10,7 +10,8 @@ is reported at first use and in ``native_status()``, never at import.
 On the host, ``moe_ffn`` runs one MoE layer's routed experts straight from their
 pages (``PageFormat``: float, int8 or int4), ``linear`` / ``NativeLinear`` the
 dense layers at small T (``linear_int8`` / ``Int8Linear`` with int8 dense weights), ``rms_norm`` / ``NativeRMSNorm`` the norms
-and ``attention`` (``attention.py``) decode attention over a KV cache; native C++ kernels (``cpu.py``, ``native_cpu.py``)
+and ``attention`` (``attention.py``) decode attention over a KV cache, ``qkv_rope`` a decode step's q/k norms,
+rotary embedding and head layout; native C++ kernels (``cpu.py``, ``native_cpu.py``)
 override their torch references for CPU tensors once built.
 """
 
@@ -59,6 +60,8 @@ __all__ = [
     "moe_ffn",
     "moe_ffn_reference",
     "native_status",
+    "qkv_rope",
+    "qkv_rope_reference",
     "rms_norm",
     "rms_norm_reference",
     "select_expert_ffn",
