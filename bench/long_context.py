@@ -10,11 +10,15 @@ so a token copies (into fresh memory) the whole cache of every layer; moepager's
 transformers' SDPA (torch's CPU flash-attention kernel), by switching the model's attention
 implementation between the two names.
 
+``--compare blocks``: attention modules fused into four native calls at decode
+(``engine.attention.use_decode_blocks``) against the same modules running their own forward.
+
 Both variants run on one engine in one process, alternating, so the machine's drift hits both
 alike; each context length reports the best of ``--repeat`` decodes per variant.
 
     python -m bench.long_context --out bench/results/long_context.json   # the decode.py checkpoint
     python -m bench.long_context --compare attention --out bench/results/long_context_attention.json
+    python -m bench.long_context --compare blocks --contexts 16,1024 --repeat 6 --expert-dtype int8 --dense-dtype int8
     python -m bench.long_context --small --contexts 16,512                # quick check
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -49,13 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--contexts", default="16,1024,2048,3968", help="prompt lengths (tokens)")
     ap.add_argument("--tokens", type=int, default=16, help="decode tokens per run")
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--compare", choices=("cache", "attention"), default="cache",
-                    help="in-place KV layers vs DynamicCache, or native decode attention vs SDPA")
+    ap.add_argument("--compare", choices=("cache", "attention", "blocks"), default="cache",
+                    help="in-place KV layers vs DynamicCache, native decode attention vs SDPA, or fused "
+                         "attention blocks vs the modules' own forward")
+    ap.add_argument("--expert-dtype", default="auto", help="the engine's host page format (as the CLI's flag)")
+    ap.add_argument("--dense-dtype", default="auto", help="the engine's dense weight format (as the CLI's flag)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     from transformers import DynamicCache
 
     from engine import Engine, attention, generation
+    from engine.errors import MoepagerError
 
     shape_name = "small" if args.small else "olmoe"
     dtype = torch.float32 if args.small else torch.bfloat16
@@ -78,36 +87,54 @@ def main(argv: list[str] | None = None) -> int:
         setups = {"in place": lambda eng: setattr(generation, "growing_cache", growing),
                   "concatenate": lambda eng: setattr(generation, "growing_cache",
                                                      lambda config: DynamicCache(config=config))}
+    elif args.compare == "blocks":
+        names = ("fused", "own")
+        setups = {"fused": lambda eng: attention.set_decode_blocks(eng.model, True),
+                  "own": lambda eng: attention.set_decode_blocks(eng.model, False)}
     else:
         names = ("native", "sdpa")
         setups = {"native": lambda eng: eng.model.set_attn_implementation(attention.NAME),
                   "sdpa": lambda eng: eng.model.set_attn_implementation("sdpa")}
     keys = [f"{name.replace(' ', '_')}_ms_per_token" for name in names]
     rows = []
+    try:
+        eng = Engine.from_pretrained(str(path), device="cpu", dtype=str(dtype).split(".")[-1], progress=False,
+                                     expert_dtype=args.expert_dtype, dense_dtype=args.dense_dtype,
+                                     quant_cache_dir=f"{path}-page-cache")  # beside the checkpoint, as bench.decode
+    except MoepagerError as e:
+        ap.error(str(e))
     print(f"{'context':>8} {names[0] + ' ms/tok':>16} {names[1] + ' ms/tok':>19} {'speedup':>8}", flush=True)
-    with Engine.from_pretrained(str(path), device="cpu", dtype=str(dtype).split(".")[-1], progress=False) as eng:
+    with eng:
         if args.compare == "attention" and eng.kernels().get("decode_attention") != "native":
             ap.error("--compare attention: this engine does not run the native decode attention "
                      f"({eng.kernels().get('decode_attention')})")
+        if args.compare == "blocks" and not eng.kernels().get("attention_blocks_fused"):
+            ap.error("--compare blocks: this engine fused no attention blocks (they need the native CPU kernels)")
         gen = torch.Generator().manual_seed(0)
         try:
             for n in contexts:
                 prompt = torch.randint(10, 1000, (n,), generator=gen).tolist()
-                best = {name: float("inf") for name in names}
+                runs = {name: [] for name in names}
                 for _ in range(args.repeat):
                     for name in names:
                         setups[name](eng)
-                        best[name] = min(best[name], decode_ms_per_token(eng, prompt, args.tokens))
+                        runs[name].append(decode_ms_per_token(eng, prompt, args.tokens))
+                best = {name: min(v) for name, v in runs.items()}
                 row = {"context": n, keys[0]: best[names[0]], keys[1]: best[names[1]],
-                       "speedup": best[names[1]] / best[names[0]]}
+                       "speedup": best[names[1]] / best[names[0]],
+                       "median_ms_per_token": {name: statistics.median(v) for name, v in runs.items()},
+                       "runs_ms_per_token": runs}
                 rows.append(row)
-                print(f"{n:8d} {row[keys[0]]:16.1f} {row[keys[1]]:19.1f} {row['speedup']:7.2f}x", flush=True)
+                med = row["median_ms_per_token"]
+                print(f"{n:8d} {row[keys[0]]:16.1f} {row[keys[1]]:19.1f} {row['speedup']:7.2f}x   (medians "
+                      f"{med[names[0]]:.1f} / {med[names[1]]:.1f})", flush=True)
         finally:
             generation.growing_cache = growing
             setups[names[0]](eng)
     if args.out:
         report = {"cpu": cpu_description(), "threads": torch.get_num_threads(), "shape": SHAPES[shape_name],
                   "dtype": str(dtype), "compare": args.compare, "tokens": args.tokens, "repeat": args.repeat, "rows": rows,
+                  "expert_dtype": args.expert_dtype, "dense_dtype": args.dense_dtype,
                   "date": time.strftime("%Y-%m-%d")}
         write_report(args.out, report)
     return 0

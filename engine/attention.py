@@ -114,7 +114,9 @@ _CACHE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer, GrowingLayer)  # updat
 class _BlockPlan:
     """What the fast forward needs of one attention module, read once when its class is swapped."""
 
-    def __init__(self, group, hq: int, hkv: int, d: int, q_w, k_w, eps: float, mode: int, cache_arg: str) -> None:
+    def __init__(self, own: type, group, hq: int, hkv: int, d: int, q_w, k_w, eps: float, mode: int,
+                 cache_arg: str) -> None:
+        self.own = own  # the module's own class
         self.group, self.hq, self.hkv, self.d = group, hq, hkv, d
         self.q_w, self.k_w, self.eps, self.mode = q_w, k_w, eps, mode
         self.cache_arg = cache_arg  # the forward's name for the cache: "cache" or "past_key_values"
@@ -156,7 +158,7 @@ def _block_plan(module: torch.nn.Module) -> _BlockPlan | None:
     cache_arg = "cache" if "cache" in params else "past_key_values" if "past_key_values" in params else None
     if cache_arg is None:
         return None
-    return _BlockPlan(group, hq, hkv, d, q_w, k_w, eps, mode, cache_arg)
+    return _BlockPlan(type(module), group, hq, hkv, d, q_w, k_w, eps, mode, cache_arg)
 
 
 _OWN_ARGS = ("cache", "past_key_values", "dropout", "scaling", "sliding_window")  # set by the fast forward itself
@@ -272,4 +274,17 @@ def use_decode_blocks(model: torch.nn.Module) -> int:
     return swapped
 
 
-__all__ = ["MAX_QUERY_TOKENS", "NAME", "attention_forward", "register", "use_decode_blocks", "use_native_attention"]
+def set_decode_blocks(model: torch.nn.Module, on: bool) -> int:
+    """Run the modules ``use_decode_blocks`` swapped with the fast forward (``on``) or with their own
+    class again (benchmarks compare the two on one engine); returns how many modules were switched."""
+    switched = 0
+    for module in model.modules():
+        plan = getattr(module, "_moepager_block", None)
+        if isinstance(plan, _BlockPlan):
+            module.__class__ = _decode_class(plan.own) if on else plan.own
+            switched += 1
+    return switched
+
+
+__all__ = ["MAX_QUERY_TOKENS", "NAME", "attention_forward", "register", "set_decode_blocks", "use_decode_blocks",
+           "use_native_attention"]

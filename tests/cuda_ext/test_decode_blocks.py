@@ -91,12 +91,6 @@ def _greedy(eng, n=20):
     return out
 
 
-def _unfuse(model):
-    for m in model.modules():
-        if isinstance(m, ea._DecodeBlock):
-            m.__class__ = next(c for c in type(m).__mro__[1:] if c is not ea._DecodeBlock)
-
-
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_engine_fuses_usual_blocks_with_same_output(native, tiny_model_dir, arch, dtype):
@@ -120,9 +114,12 @@ def test_engine_fuses_usual_blocks_with_same_output(native, tiny_model_dir, arch
             ea._DecodeBlock._moepager_fast = fast
         if arch in FUSED:  # every decode step of every layer went the fast way; the prefills did not
             assert sum(calls) >= 19 * eng.decode_blocks and not all(calls)
-        _unfuse(eng.model)
+        assert ea.set_decode_blocks(eng.model, False) == eng.decode_blocks
+        assert not any(isinstance(m, ea._DecodeBlock) for m in eng.model.modules())
         assert _greedy(eng) == fused_tokens
         assert torch.equal(eng.logits(ids), fused_logits)
+        assert ea.set_decode_blocks(eng.model, True) == eng.decode_blocks
+        assert sum(isinstance(m, ea._DecodeBlock) for m in eng.model.modules()) == eng.decode_blocks
 
 
 def test_probe_rejects_a_module_that_computes_otherwise(native, tiny_model_dir, monkeypatch):
