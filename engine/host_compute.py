@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import torch
 
 from cuda_ext import moe_ffn, native_cpu, silu_layout
@@ -39,15 +40,16 @@ class PagedMoeCompute:
         idx_host = routing.idx_host
         if idx_host.numel() <= SMALL_ROUTING:  # a lookup in Python beats three index ops
             at = {e: i for i, e in enumerate(experts)}
-            local = torch.tensor([[at.get(e, -1) for e in row] for row in idx_host.tolist()], dtype=torch.int64)
+            local = torch.from_numpy(np.array([[at.get(e, -1) for e in row] for row in idx_host.tolist()],
+                                              dtype=np.int64))  # [T, K]; numpy builds it several us sooner
         else:
             lut = self._lut
             wave = torch.tensor(experts, dtype=torch.int64)  # [U]
             lut[wave] = torch.arange(len(experts))
             local = lut[idx_host]  # [T, K]: index into rows, -1 for experts of other waves
             lut[wave] = -1
-        y = moe_ffn(x, table.pages, torch.tensor(rows, dtype=torch.int64), local, weights, self.fmt, self.act,
-                    self.alpha, self.limit)  # [T, H]
+        y = moe_ffn(x, table.pages, torch.from_numpy(np.array(rows, dtype=np.int64)), local, weights, self.fmt,
+                    self.act, self.alpha, self.limit)  # [T, H]
         out.add(y)
 
 
