@@ -15,7 +15,14 @@ rotary embedding and head layout; native C++ kernels (``cpu.py``, ``native_cpu.p
 override their torch references for CPU tensors once built.
 """
 
-from cuda_ext.attention import attention, attention_reference, qkv_rope, qkv_rope_reference
+from cuda_ext.attention import (
+    attention,
+    attention_reference,
+    qkv_rope,
+    qkv_rope_into,
+    qkv_rope_into_reference,
+    qkv_rope_reference,
+)
 from cuda_ext.cpu import (
     Int8Linear,
     NativeLinear,
@@ -61,6 +68,8 @@ __all__ = [
     "moe_ffn_reference",
     "native_status",
     "qkv_rope",
+    "qkv_rope_into",
+    "qkv_rope_into_reference",
     "qkv_rope_reference",
     "rms_norm",
     "rms_norm_reference",

@@ -21,6 +21,7 @@ from cuda_ext.cpu import rms_norm_reference
 
 ATTENTION_OP = "moepager::attention"
 QKV_ROPE_OP = "moepager::qkv_rope"
+QKV_ROPE_INTO_OP = "moepager::qkv_rope_into"
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -70,6 +71,23 @@ def qkv_rope_reference(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hq
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
+def qkv_rope_into_reference(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hq: int, hkv: int,
+                            q_w: torch.Tensor | None, k_w: torch.Tensor | None, eps: float, mode: int,
+                            k_buf: torch.Tensor, v_buf: torch.Tensor, pos: int) -> torch.Tensor:
+    """``qkv_rope_reference`` writing k and v into a KV cache's buffers ``[B, hkv, >= pos + T, D]`` at
+    positions ``[pos, pos + T)``; returns q."""
+    q, k, v = qkv_rope_reference(y, cos, sin, hq, hkv, q_w, k_w, eps, mode)
+    T = y.shape[1]
+    k_buf.narrow(2, pos, T).copy_(k)
+    v_buf.narrow(2, pos, T).copy_(v)
+    return q
+
+
+def _qkv_rope_into_fake(y, cos, sin, hq, hkv, q_w, k_w, eps, mode, k_buf, v_buf, pos):
+    B, T, width = y.shape
+    return y.new_empty((B, hq, T, width // (hq + 2 * hkv)))
+
+
 def _qkv_rope_fake(y, cos, sin, hq, hkv, q_w, k_w, eps, mode):
     B, T, width = y.shape
     d = width // (hq + 2 * hkv)
@@ -87,9 +105,13 @@ def _declare() -> None:
     torch.library.impl(ATTENTION_OP, "default", attention_reference)
     torch.library.register_fake(ATTENTION_OP, _attention_fake)
     torch.library.define(QKV_ROPE_OP, "(Tensor y, Tensor cos, Tensor sin, int hq, int hkv, Tensor? q_w, Tensor? k_w, "
-                         "float eps, int mode) -> (Tensor, Tensor, Tensor)")
+                         "float eps, int norm_mode) -> (Tensor, Tensor, Tensor)")
     torch.library.impl(QKV_ROPE_OP, "default", qkv_rope_reference)
     torch.library.register_fake(QKV_ROPE_OP, _qkv_rope_fake)
+    torch.library.define(QKV_ROPE_INTO_OP, "(Tensor y, Tensor cos, Tensor sin, int hq, int hkv, Tensor? q_w, "
+                         "Tensor? k_w, float eps, int norm_mode, Tensor(a!) k_buf, Tensor(b!) v_buf, int pos) -> Tensor")
+    torch.library.impl(QKV_ROPE_INTO_OP, "default", qkv_rope_into_reference)
+    torch.library.register_fake(QKV_ROPE_INTO_OP, _qkv_rope_into_fake)
 
 
 _declare()
@@ -116,4 +138,16 @@ def qkv_rope(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hq: int, hkv
     return torch.ops.moepager.qkv_rope(y, cos, sin, int(hq), int(hkv), q_w, k_w, float(eps), int(mode))
 
 
-__all__ = ["ATTENTION_OP", "QKV_ROPE_OP", "attention", "attention_reference", "qkv_rope", "qkv_rope_reference"]
+def qkv_rope_into(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hq: int, hkv: int,
+                  q_w: torch.Tensor | None, k_w: torch.Tensor | None, eps: float, mode: int,
+                  k_buf: torch.Tensor, v_buf: torch.Tensor, pos: int) -> torch.Tensor:
+    """``qkv_rope_into_reference``'s result, native on CPU: q, with k and v written into the cache's
+    buffers in the same call."""
+    if y.device.type == "cpu":
+        native_cpu.available()
+    return torch.ops.moepager.qkv_rope_into(y, cos, sin, int(hq), int(hkv), q_w, k_w, float(eps), int(mode),
+                                            k_buf, v_buf, int(pos))
+
+
+__all__ = ["ATTENTION_OP", "QKV_ROPE_INTO_OP", "QKV_ROPE_OP", "attention", "attention_reference", "qkv_rope",
+           "qkv_rope_into", "qkv_rope_into_reference", "qkv_rope_reference"]

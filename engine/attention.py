@@ -40,7 +40,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from cuda_ext import NativeRMSNorm, attention, qkv_rope
+from cuda_ext import NativeRMSNorm, attention, qkv_rope, qkv_rope_into
 from engine.kv_rows import GrowingLayer
 
 NAME = "moepager_sdpa"
@@ -193,8 +193,16 @@ class _DecodeBlock:
         y = plan.group.whole(hidden)  # [B, T, (hq + 2 hkv) d]; None on another device, at autograd, ...
         if y is None:
             return None
-        q, k, v = qkv_rope(y, cos, sin, plan.hq, plan.hkv, plan.q_w, plan.k_w, plan.eps, plan.mode)
-        k, v = cache.update(k, v, self.layer_idx)
+        layer = cache.layers[self.layer_idx]
+        room = layer.room((hidden.shape[0], plan.hkv, hidden.shape[1], plan.d), y.dtype, y.device) \
+            if type(layer) is GrowingLayer else None
+        if room is not None:  # k and v go straight into the cache's buffers, in the same call
+            kbuf, vbuf, n = room
+            q = qkv_rope_into(y, cos, sin, plan.hq, plan.hkv, plan.q_w, plan.k_w, plan.eps, plan.mode, kbuf, vbuf, n)
+            k, v = layer.grow(hidden.shape[1])
+        else:
+            q, k, v = qkv_rope(y, cos, sin, plan.hq, plan.hkv, plan.q_w, plan.k_w, plan.eps, plan.mode)
+            k, v = cache.update(k, v, self.layer_idx)
         rest = {n: a for n, a in kwargs.items() if n not in _OWN_ARGS}
         out, _ = attention_forward(self, q, k, v, mask, dropout=0.0, scaling=self.scaling,
                                    sliding_window=getattr(self.config, "sliding_window", None), **rest)
@@ -211,9 +219,8 @@ def _decode_class(cls: type) -> type:
 
 
 def _probe(module: torch.nn.Module, plan: _BlockPlan) -> bool:
-    """Whether the fast forward reproduces ``module``'s own bit for bit: a 3-token history, then one
-    token and two (with a causal mask), on random inputs and cos/sin, each over its own copy of the
-    cache."""
+    """Whether the fast forward reproduces ``module``'s own bit for bit, on random inputs and cos/sin,
+    over transformers' cache layers and over the in-place ones (``_probe_steps``)."""
     p = module.q_proj.group.members[0]
     dtype = (p.weight if hasattr(p, "weight") else p.scales).dtype
     H = p.in_features
@@ -226,27 +233,39 @@ def _probe(module: torch.nn.Module, plan: _BlockPlan) -> bool:
     own_cls = type(module)
     try:
         with torch.no_grad():
-            cache = DynamicCache()
-            x0 = rnd(1, 3, H)
-            module(x0, (rnd(1, 3, plan.d), rnd(1, 3, plan.d)), None, **{plan.cache_arg: cache})
-            for t in (1, 2):
-                x, pe = rnd(1, t, H), (rnd(1, t, plan.d), rnd(1, t, plan.d))
-                n = cache.layers[module.layer_idx].keys.shape[-2]
-                mask = torch.ones(t, n + t, dtype=torch.bool).tril(n)[None, None]  # [1, 1, t, n + t]
-                mine = copy.deepcopy(cache)
-                want = module(x, pe, mask, **{plan.cache_arg: cache})[0]
-                module.__class__ = fast_cls
-                module._moepager_block = plan
-                try:
-                    got = module._moepager_fast(x, pe, mask, (), {plan.cache_arg: mine})
-                finally:
-                    module.__class__ = own_cls
-                a, b = cache.layers[module.layer_idx], mine.layers[module.layer_idx]
-                if got is None or not torch.equal(got[0], want) or not torch.equal(a.keys, b.keys) \
-                        or not torch.equal(a.values, b.values):
+            for growing in (False, True):  # transformers' own cache layers, and the in-place ones
+                if not _probe_steps(module, plan, growing, rnd, H, fast_cls, own_cls):
                     return False
     except Exception:  # noqa: BLE001 - a module the probe cannot drive is simply not swapped
         return False
+    return True
+
+
+def _probe_steps(module, plan: _BlockPlan, growing: bool, rnd, H: int, fast_cls: type, own_cls: type) -> bool:
+    """One cache kind of ``_probe``: a 3-token history through the module's own forward, then steps of
+    1 and 2 tokens through both forwards, each over its own copy of the cache."""
+    cache = DynamicCache()
+    if growing:
+        cache.layer_class_to_replicate = GrowingLayer
+    module(rnd(1, 3, H), (rnd(1, 3, plan.d), rnd(1, 3, plan.d)), None, **{plan.cache_arg: cache})
+    if type(cache.layers[module.layer_idx]) is not (GrowingLayer if growing else DynamicLayer):
+        return False
+    for t in (1, 2):
+        x, pe = rnd(1, t, H), (rnd(1, t, plan.d), rnd(1, t, plan.d))
+        n = cache.layers[module.layer_idx].keys.shape[-2]
+        mask = torch.ones(t, n + t, dtype=torch.bool).tril(n)[None, None]  # [1, 1, t, n + t]
+        mine = copy.deepcopy(cache)
+        want = module(x, pe, mask, **{plan.cache_arg: cache})[0]
+        module.__class__ = fast_cls
+        module._moepager_block = plan
+        try:
+            got = module._moepager_fast(x, pe, mask, (), {plan.cache_arg: mine})
+        finally:
+            module.__class__ = own_cls
+        a, b = cache.layers[module.layer_idx], mine.layers[module.layer_idx]
+        if got is None or not torch.equal(got[0], want) or not torch.equal(a.keys, b.keys) \
+                or not torch.equal(a.values, b.values):
+            return False
     return True
 
 

@@ -50,9 +50,7 @@ class GrowingLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.keys = self._append("keys", key_states)
-        self.values = self._append("values", value_states)
-        return self.keys, self.values
+        return self._append("keys", key_states), self._append("values", value_states)
 
     def reset(self) -> None:
         self._buffers, self._views = {}, {}
@@ -69,22 +67,54 @@ class GrowingLayer(DynamicLayer):
         return total
 
     def _append(self, name: str, new: torch.Tensor) -> torch.Tensor:
+        buf, n = self._room(name, new.shape, new.dtype, new.device)
+        end = n + new.shape[-2]
+        buf.narrow(-2, n, end - n).copy_(new)
+        return self._grown(name, end)
+
+    def _room(self, name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device
+              ) -> tuple[torch.Tensor, int]:
+        """The buffer for ``name`` with room after its first n positions for ``shape[-2]`` more (rows and
+        width as in ``shape``), and n; the history is copied over when the buffer had to be replaced."""
         cur = getattr(self, name)
         buf = self._buffers.get(name)
-        n = cur.shape[-2] if cur.dim() == new.dim() else 0  # an empty cache holds a 1-D placeholder
-        end = n + new.shape[-2]
+        n = cur.shape[-2] if cur.dim() == len(shape) else 0  # an empty cache holds a 1-D placeholder
+        end = n + shape[-2]
         if buf is not None and cur is not self._views.get(name) and not _prefix_of(cur, buf, n):
             del self._buffers[name]  # replaced from outside: free the old buffer before allocating
             buf = None
-        if buf is None or end > buf.shape[-2] or new.shape[:-2] != buf.shape[:-2]:
+        if buf is None or end > buf.shape[-2] or shape[:-2] != buf.shape[:-2] or dtype != buf.dtype \
+                or shape[-1] != buf.shape[-1] or device != buf.device:
             capacity = held_positions(end)
-            grown = new.new_empty((*new.shape[:-2], capacity, new.shape[-1]))
+            grown = torch.empty((*shape[:-2], capacity, shape[-1]), dtype=dtype, device=device)
             if n:
                 grown.narrow(-2, 0, n).copy_(cur)
             self._buffers[name] = buf = grown
-        buf.narrow(-2, n, end - n).copy_(new)
-        view = self._views[name] = buf.narrow(-2, 0, end)
+        return buf, n
+
+    def _grown(self, name: str, end: int) -> torch.Tensor:
+        view = self._views[name] = self._buffers[name].narrow(-2, 0, end)
+        setattr(self, name, view)
         return view
+
+    def room(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+             ) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """For writers that fill the new positions themselves (``engine.attention``'s fused decode
+        step): the key and value buffers with room after their first n positions for ``shape``'s
+        (``[B, heads, T, dim]``, keys and values alike), and n; then :meth:`grow` by T. None before
+        the first ``update`` (which initialises the layer) or when keys and values differ in shape."""
+        if not self.is_initialized or self.keys.shape[:-2] != self.values.shape[:-2] \
+                or self.keys.shape[-1] != self.values.shape[-1] or self.keys.dim() != len(shape):
+            return None
+        shape = torch.Size(shape)
+        (kbuf, n), (vbuf, nv) = self._room("keys", shape, dtype, device), self._room("values", shape, dtype, device)
+        return (kbuf, vbuf, n) if n == nv else None
+
+    def grow(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Take ``t`` positions written after the history into ``keys``/``values``; returns both, as
+        ``update`` does."""
+        n = self.keys.shape[-2]
+        return self._grown("keys", n + t), self._grown("values", n + t)
 
 
 def held_positions(n: int) -> int:

@@ -25,6 +25,7 @@
 #include <cstring>
 #include <string>
 #include <tuple>
+#include <algorithm>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -595,14 +596,33 @@ void rope_head(const T* x, const C* c, const C* s, T* out, int64_t D) {
   }
 }
 
+// RMSNorm of one row of H values into out (rms_rows' arithmetic, in its order): the q/k norms of
+// qkv_rope, whose output dtype is the input's (checked by the caller).
+template <typename X, typename W>
+void rms_row(const X* x, const W* w, X* out, int64_t H, float eps, int64_t mode, float* buf) {
+  float ss = 0.0f;
+  for (int64_t k = 0; k < H; ++k) {
+    buf[k] = to_f(x[k]);
+    ss += buf[k] * buf[k];
+  }
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(H) + eps);
+  for (int64_t k = 0; k < H; ++k) {
+    const float n = buf[k] * inv;
+    if (mode == 0) out[k] = static_cast<X>(to_f(w[k]) * round_to<X>(n));
+    else out[k] = static_cast<X>(round_to<X>(to_f(w[k]) * n));
+  }
+}
+
 // One decode step's attention inputs from the fused q/k/v projection y [B, T, (Hq + 2 Hkv) D]:
 // optional RMSNorms of q and k (over the whole projection, or per head when the weight is [D]),
-// rotary embedding of q and k with cos/sin [1|B, T, D], and v. Returns q [B, Hq, T, D],
-// k [B, Hkv, T, D], v [B, Hkv, T, D], contiguous, in y's dtype: the tensors transformers'
-// attention modules hand to the cache and the attention function.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope_cpu(
+// rotary embedding of q and k with cos/sin [1|B, T, D], and v. Returns q [B, Hq, T, D]; k and v go
+// to k_out / v_out at positions [pos, pos + T) when given (a KV cache's buffers [B, Hkv, >= pos + T,
+// D] with a unit last stride), else they are returned [B, Hkv, T, D] after q. All in y's dtype: the
+// tensors transformers' attention modules hand to the cache and the attention function.
+std::vector<at::Tensor> qkv_rope_impl(
     const at::Tensor& y, const at::Tensor& cos, const at::Tensor& sin, int64_t hq, int64_t hkv,
-    const c10::optional<at::Tensor>& q_w, const c10::optional<at::Tensor>& k_w, double eps, int64_t mode) {
+    const c10::optional<at::Tensor>& q_w, const c10::optional<at::Tensor>& k_w, double eps, int64_t mode,
+    const at::Tensor* k_out, const at::Tensor* v_out, int64_t pos) {
   TORCH_CHECK(y.dim() == 3 && hq > 0 && hkv > 0 && y.size(2) % (hq + 2 * hkv) == 0,
               "qkv_rope: y must be [B, T, (hq + 2 hkv) * D], got ", y.sizes(), " for hq ", hq, ", hkv ", hkv);
   const int64_t B = y.size(0), T = y.size(1), D = y.size(2) / (hq + 2 * hkv);
@@ -614,45 +634,96 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope_cpu(
   for (const at::Tensor* t : {&y, &cos})
     TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16 || t->scalar_type() == at::kHalf,
                 "qkv_rope: y, cos and sin must be float32, bfloat16 or float16, got ", t->scalar_type());
-  const at::Tensor yc = y.contiguous();
-  auto normed = [&](const at::Tensor& part, const c10::optional<at::Tensor>& w, int64_t heads, const char* what) {
-    if (!w.has_value()) return part;
-    const int64_t n = w->numel();
-    TORCH_CHECK(w->dim() == 1 && (n == heads * D || n == D), "qkv_rope: ", what, " norm weight must be [",
-                heads * D, "] or [", D, "], got ", w->sizes());
-    at::Tensor out = rms_norm_cpu(n == D ? part.reshape({B, T, heads, D}) : part, *w, eps, mode);
-    TORCH_CHECK(out.scalar_type() == y.scalar_type(), "qkv_rope: the ", what, " norm changes the dtype");
-    return out.reshape({B, T, heads * D});
+  TORCH_CHECK(mode == 0 || mode == 1, "qkv_rope: mode must be 0 (cast, then scale) or 1 (scale, then cast)");
+  auto check_norm = [&](const c10::optional<at::Tensor>& w, int64_t heads, const char* what) {
+    if (!w.has_value()) return;
+    TORCH_CHECK(w->dim() == 1 && (w->numel() == heads * D || w->numel() == D), "qkv_rope: ", what,
+                " norm weight must be [", heads * D, "] or [", D, "], got ", w->sizes());
+    const auto od = mode == 0 ? at::promote_types(y.scalar_type(), w->scalar_type()) : y.scalar_type();
+    TORCH_CHECK(od == y.scalar_type(), "qkv_rope: the ", what, " norm changes the dtype");
+    TORCH_CHECK(w->scalar_type() == at::kFloat || w->scalar_type() == at::kBFloat16 || w->scalar_type() == at::kHalf,
+                "qkv_rope: norm weights must be float32, bfloat16 or float16");
   };
-  const at::Tensor q = normed(yc.narrow(2, 0, hq * D), q_w, hq, "q").contiguous();
-  const at::Tensor k = normed(yc.narrow(2, hq * D, hkv * D), k_w, hkv, "k").contiguous();
+  check_norm(q_w, hq, "q");
+  check_norm(k_w, hkv, "k");
+  const bool into = k_out != nullptr;
+  if (into) {
+    for (const at::Tensor* t : {k_out, v_out})
+      TORCH_CHECK(t->dim() == 4 && t->size(0) == B && t->size(1) == hkv && t->size(2) >= pos + T && t->size(3) == D &&
+                  t->stride(3) == 1 && t->scalar_type() == y.scalar_type() && t->device().is_cpu(),
+                  "qkv_rope: k_out/v_out must be ", y.scalar_type(), " [", B, ", ", hkv, ", >= ", pos + T, ", ", D,
+                  "] with a unit last stride, got ", t->sizes());
+    TORCH_CHECK(pos >= 0, "qkv_rope: pos must be >= 0");
+  }
+  const at::Tensor yc = y.contiguous(), cc = cos.contiguous(), sc = sin.contiguous();
   at::Tensor qo = at::empty({B, hq, T, D}, y.options());
-  at::Tensor ko = at::empty({B, hkv, T, D}, y.options());
-  at::Tensor vo = yc.narrow(2, (hq + hkv) * D, hkv * D).reshape({B, T, hkv, D}).transpose(1, 2).contiguous();
-  const at::Tensor cc = cos.contiguous(), sc = sin.contiguous();
+  at::Tensor ko = into ? *k_out : at::empty({B, hkv, T, D}, y.options());
+  at::Tensor vo = into ? *v_out : at::empty({B, hkv, T, D}, y.options());
+  const int64_t k0 = into ? pos : 0;  // first position written in ko / vo
   const int64_t cb = cos.size(0) == 1 ? 0 : T * D;
+  const int64_t W = (hq + 2 * hkv) * D;
   with_float_type(y.scalar_type(), "y", [&](auto xt) {
     with_float_type(cos.scalar_type(), "cos", [&](auto ct) {
       using X = decltype(xt);
       using C = decltype(ct);
-      const X* qp = q.data_ptr<X>();
-      const X* kp = k.data_ptr<X>();
+      const X* yp = yc.data_ptr<X>();
       const C* cp = cc.data_ptr<C>();
       const C* sp = sc.data_ptr<C>();
       X* qop = qo.data_ptr<X>();
       X* kop = ko.data_ptr<X>();
+      X* vop = vo.data_ptr<X>();
+      const int64_t ks0 = ko.stride(0), ks1 = ko.stride(1), ks2 = ko.stride(2);
+      const int64_t vs0 = vo.stride(0), vs1 = vo.stride(1), vs2 = vo.stride(2);
+      std::vector<float> fbuf(std::max(hq, hkv) * D);
+      std::vector<X> normed(std::max(hq, hkv) * D);
+      // heads [0, heads) of the part starting at column `col`, normed with w when given, then rotated
+      auto part = [&](const X* row, int64_t col, int64_t heads, const c10::optional<at::Tensor>& w, const C* c,
+                      const C* s, auto&& dst) {
+        const X* src = row + col;
+        if (w.has_value()) {
+          const bool per_head = w->numel() == D;
+          with_float_type(w->scalar_type(), "weight", [&](auto wt) {
+            using Wt = decltype(wt);
+            const Wt* wp = w->data_ptr<Wt>();
+            if (per_head)
+              for (int64_t h = 0; h < heads; ++h) rms_row<X, Wt>(src + h * D, wp, normed.data() + h * D, D,
+                                                                  static_cast<float>(eps), mode, fbuf.data());
+            else
+              rms_row<X, Wt>(src, wp, normed.data(), heads * D, static_cast<float>(eps), mode, fbuf.data());
+          });
+          src = normed.data();
+        }
+        for (int64_t h = 0; h < heads; ++h) rope_head<X, C>(src + h * D, c, s, dst(h), D);
+      };
       for (int64_t b = 0; b < B; ++b)
         for (int64_t t = 0; t < T; ++t) {
+          const X* row = yp + (b * T + t) * W;
           const C* c = cp + b * cb + t * D;
           const C* s = sp + b * cb + t * D;
-          for (int64_t h = 0; h < hq; ++h)
-            rope_head<X, C>(qp + ((b * T + t) * hq + h) * D, c, s, qop + ((b * hq + h) * T + t) * D, D);
+          part(row, 0, hq, q_w, c, s, [&](int64_t h) { return qop + ((b * hq + h) * T + t) * D; });
+          part(row, hq * D, hkv, k_w, c, s, [&](int64_t h) { return kop + b * ks0 + h * ks1 + (k0 + t) * ks2; });
+          const X* v = row + (hq + hkv) * D;
           for (int64_t h = 0; h < hkv; ++h)
-            rope_head<X, C>(kp + ((b * T + t) * hkv + h) * D, c, s, kop + ((b * hkv + h) * T + t) * D, D);
+            std::memcpy(vop + b * vs0 + h * vs1 + (k0 + t) * vs2, v + h * D, D * sizeof(X));
         }
     });
   });
+  if (into) return {qo};
   return {qo, ko, vo};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope_cpu(
+    const at::Tensor& y, const at::Tensor& cos, const at::Tensor& sin, int64_t hq, int64_t hkv,
+    const c10::optional<at::Tensor>& q_w, const c10::optional<at::Tensor>& k_w, double eps, int64_t mode) {
+  auto r = qkv_rope_impl(y, cos, sin, hq, hkv, q_w, k_w, eps, mode, nullptr, nullptr, 0);
+  return {r[0], r[1], r[2]};
+}
+
+// qkv_rope writing k and v into a KV cache's buffers at positions [pos, pos + T); returns q.
+at::Tensor qkv_rope_into_cpu(const at::Tensor& y, const at::Tensor& cos, const at::Tensor& sin, int64_t hq,
+                             int64_t hkv, const c10::optional<at::Tensor>& q_w, const c10::optional<at::Tensor>& k_w,
+                             double eps, int64_t mode, at::Tensor& k_buf, at::Tensor& v_buf, int64_t pos) {
+  return qkv_rope_impl(y, cos, sin, hq, hkv, q_w, k_w, eps, mode, &k_buf, &v_buf, pos)[0];
 }
 
 // Reads every byte of t once, split across threads (the machine's read bandwidth, for benchmarks);
@@ -715,6 +786,7 @@ TORCH_LIBRARY_IMPL(moepager, CPU, m) {
   m.impl("rms_norm", &moepager_cpu::rms_norm_cpu);
   m.impl("attention", &moepager_cpu::attention_cpu);
   m.impl("qkv_rope", &moepager_cpu::qkv_rope_cpu);
+  m.impl("qkv_rope_into", &moepager_cpu::qkv_rope_into_cpu);
 }
 
 TORCH_LIBRARY(moepager_cpu, m) {

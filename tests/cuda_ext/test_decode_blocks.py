@@ -16,7 +16,7 @@ import torch
 from tiny_models import ARCHITECTURES
 
 import engine.attention as ea
-from cuda_ext import qkv_rope, qkv_rope_reference
+from cuda_ext import qkv_rope, qkv_rope_into, qkv_rope_into_reference, qkv_rope_reference
 from engine import Engine
 from engine.generation import SamplingParams
 
@@ -54,6 +54,51 @@ def test_qkv_rope_matches_reference(native, dtype, norm, hq, hkv, d, B, T, cos_r
                 torch.testing.assert_close(a, b, atol=atol, rtol=0)
             else:
                 assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm", [None, "head"])
+def test_qkv_rope_into_writes_the_cache_buffers(native, dtype, norm):
+    """k and v land in the buffers at [pos, pos + T) and nothing else there moves; q as qkv_rope's."""
+    hq, hkv, d, B, T, pos, cap = 4, 2, 16, 2, 3, 5, 11
+    y, cos, sin, q_w, k_w = _inputs(hq, hkv, d, B, T, B, norm, dtype, seed=9)
+    g = torch.Generator().manual_seed(1)
+    bufs = [torch.randn(B, hkv, cap, d, generator=g).to(dtype) for _ in range(2)]
+    want_bufs = [b.clone() for b in bufs]
+    want_q = qkv_rope_into_reference(y, cos, sin, hq, hkv, q_w, k_w, 1e-6, 0, *want_bufs, pos)
+    q = qkv_rope_into(y, cos, sin, hq, hkv, q_w, k_w, 1e-6, 0, *bufs, pos)
+    q2, k2, v2 = qkv_rope(y, cos, sin, hq, hkv, q_w, k_w, 1e-6, 0)
+    assert torch.equal(q, q2) and torch.equal(bufs[0][:, :, pos:pos + T], k2) and torch.equal(bufs[1][:, :, pos:pos + T], v2)
+    assert torch.equal(bufs[0][:, :, :pos], want_bufs[0][:, :, :pos]) and torch.equal(bufs[1][:, :, pos + T:], want_bufs[1][:, :, pos + T:])
+    if norm is None or dtype != torch.float32:  # fp32 norms: within an ulp (see the module docstring)
+        assert torch.equal(q, want_q) and all(torch.equal(a, b) for a, b in zip(bufs, want_bufs))
+    with pytest.raises(RuntimeError, match="k_out/v_out"):
+        qkv_rope_into(y, cos, sin, hq, hkv, q_w, k_w, 1e-6, 0, bufs[0], bufs[1], cap - 1)
+
+
+def test_qkv_rope_into_opcheck(native):
+    y, cos, sin, q_w, k_w = _inputs(4, 2, 8, 2, 3, 1, "full", torch.float32, seed=5)
+    bufs = [torch.randn(2, 2, 9, 8) for _ in range(2)]
+    torch.library.opcheck(torch.ops.moepager.qkv_rope_into.default, (y, cos, sin, 4, 2, q_w, k_w, 1e-6, 0, *bufs, 4))
+
+
+def test_growing_layer_room_then_grow_equals_update():
+    from engine.kv_rows import GrowingLayer
+
+    g = torch.Generator().manual_seed(3)
+    a, b = GrowingLayer(), GrowingLayer()
+    assert a.room((1, 2, 1, 4), torch.float32, torch.device("cpu")) is None  # before the first update
+    first = [torch.randn(1, 2, 3, 4, generator=g) for _ in range(2)]
+    a.update(*first)
+    b.update(*first)
+    for t in (1, 2, 40):  # 40 outgrows the buffer: the history moves to a larger one
+        k, v = torch.randn(1, 2, t, 4, generator=g), torch.randn(1, 2, t, 4, generator=g)
+        want = a.update(k, v)
+        kbuf, vbuf, n = b.room((1, 2, t, 4), torch.float32, torch.device("cpu"))
+        kbuf[:, :, n:n + t], vbuf[:, :, n:n + t] = k, v
+        got = b.grow(t)
+        assert all(torch.equal(x, y) for x, y in zip(got, want))
+        assert got[0] is b.keys and got[1] is b.values
 
 
 def test_qkv_rope_reference_is_transformers_rotary():
@@ -99,7 +144,7 @@ def test_engine_fuses_usual_blocks_with_same_output(native, tiny_model_dir, arch
     with Engine.from_pretrained(path, device="cpu", dtype=dtype, progress=False) as eng:
         assert (eng.decode_blocks > 0) == (arch in FUSED)
         assert eng.kernels()["attention_blocks_fused"] == eng.decode_blocks
-        calls, fast = [], ea._DecodeBlock._moepager_fast
+        calls, into, fast, real_into = [], [], ea._DecodeBlock._moepager_fast, ea.qkv_rope_into
 
         def counted(self, *a):
             out = fast(self, *a)
@@ -107,13 +152,18 @@ def test_engine_fuses_usual_blocks_with_same_output(native, tiny_model_dir, arch
             return out
 
         ea._DecodeBlock._moepager_fast = counted
+        ea.qkv_rope_into = lambda *a: into.append(1) or real_into(*a)
         try:
             fused_tokens = _greedy(eng)
             fused_logits = eng.logits(ids)
         finally:
             ea._DecodeBlock._moepager_fast = fast
+            ea.qkv_rope_into = real_into
         if arch in FUSED:  # every decode step of every layer went the fast way; the prefills did not
             assert sum(calls) >= 19 * eng.decode_blocks and not all(calls)
+            # and wrote k and v straight into the in-place cache layers (all but a first forward, whose
+            # update initialises the layer)
+            assert 19 * eng.decode_blocks <= len(into) <= sum(calls)
         assert ea.set_decode_blocks(eng.model, False) == eng.decode_blocks
         assert not any(isinstance(m, ea._DecodeBlock) for m in eng.model.modules())
         assert _greedy(eng) == fused_tokens
