@@ -350,10 +350,18 @@ at::Tensor moe_ffn_cpu(const at::Tensor& x, const at::Tensor& pages, const at::T
   return out.to(x.scalar_type());
 }
 
+// Large T (prefill): a GEMM. bf16 / fp16 weights are multiplied in fp32 (one conversion of the weight
+// per call) unless the CPU has AVX512-BF16 for bf16: without it oneDNN's bf16 GEMM ran at 17-19
+// GFLOPS on an AMD EPYC (Zen 3) against 57-110 in fp32, conversion included (bench/RESULTS.md). Each
+// output is an fp32 sum rounded once, as in the row kernels.
 at::Tensor linear_fallback(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  const KernelTable* kt = table();
+  const auto wt = w.scalar_type();
+  const bool widen = (wt == at::kBFloat16 && !(kt != nullptr && kt->bf16_x)) || wt == at::kHalf;
+  const auto ct = widen ? at::kFloat : wt;
   c10::optional<at::Tensor> b;
-  if (bias.has_value()) b = bias->to(w.scalar_type());
-  return at::linear(x.to(w.scalar_type()), w, b).to(x.scalar_type());
+  if (bias.has_value()) b = bias->to(ct);
+  return at::linear(x.to(ct), widen ? w.to(ct) : w, b).to(x.scalar_type());
 }
 
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
