@@ -3,7 +3,8 @@
 Each verb hands its arguments to the benchmark module's own parser (``--help`` lists them):
 ``decode`` (``bench.decode``: plain transformers against moepager on the CPU or a GPU),
 ``long-context`` (``bench.long_context``: decode speed against context length, in-place KV
-layers against transformers' concatenating cache),
+layers against transformers' concatenating cache, native attention against SDPA, or fused
+attention blocks against the modules' own forward),
 ``offload-overhead`` (``bench.offload_overhead``: time per MoE layer outside the expert compute,
 and a torch profile of decode),
 ``gpu`` (``bench.gpu_bench``: the GPU decode grid; ``bash bench/gpu_suite.sh`` runs it with the
