@@ -218,12 +218,11 @@ def _decode_class(cls: type) -> type:
     return _DECODE_CLASSES[cls]
 
 
-def _probe(module: torch.nn.Module, plan: _BlockPlan) -> bool:
-    """Whether the fast forward reproduces ``module``'s own bit for bit, on random inputs and cos/sin,
-    over transformers' cache layers and over the in-place ones (``_probe_steps``)."""
-    p = module.q_proj.group.members[0]
-    dtype = (p.weight if hasattr(p, "weight") else p.scales).dtype
-    H = p.in_features
+def _probe(module: torch.nn.Module, plan: _BlockPlan, dtype: torch.dtype) -> bool:
+    """Whether the fast forward reproduces ``module``'s own bit for bit, on random inputs and cos/sin
+    in the model's ``dtype``, over transformers' cache layers and over the in-place ones
+    (``_probe_steps``)."""
+    H = module.q_proj.group.members[0].in_features
     g = torch.Generator().manual_seed(0)
 
     def rnd(*shape):
@@ -275,6 +274,9 @@ def use_decode_blocks(model: torch.nn.Module) -> int:
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != NAME:
         return 0
+    dtype = getattr(model, "dtype", None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        return 0
     verdict: dict[type, bool] = {}
     swapped = 0
     for module in list(model.modules()):
@@ -285,7 +287,7 @@ def use_decode_blocks(model: torch.nn.Module) -> int:
             continue
         cls = type(module)
         if cls not in verdict:
-            verdict[cls] = _probe(module, plan)
+            verdict[cls] = _probe(module, plan, dtype)
         if verdict[cls]:
             module._moepager_block = plan
             module.__class__ = _decode_class(cls)

@@ -172,6 +172,19 @@ def test_engine_fuses_usual_blocks_with_same_output(native, tiny_model_dir, arch
         assert sum(isinstance(m, ea._DecodeBlock) for m in eng.model.modules()) == eng.decode_blocks
 
 
+@pytest.mark.parametrize("arch", ["olmoe", "qwen3_moe", "qwen2_moe"])
+def test_int8_dense_blocks_fuse_with_same_output(native, tiny_model_dir, arch):
+    """With int8 dense layers the fused projection is the int8 kernel's; bf16 compute, as served."""
+    path = tiny_model_dir(arch)
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(5))
+    with Engine.from_pretrained(path, device="cpu", dtype="bfloat16", dense_dtype="int8", progress=False) as eng:
+        assert eng.int8_dense > 0 and eng.decode_blocks > 0
+        fused_tokens, fused_logits = _greedy(eng), eng.logits(ids)
+        ea.set_decode_blocks(eng.model, False)
+        assert _greedy(eng) == fused_tokens
+        assert torch.equal(eng.logits(ids), fused_logits)
+
+
 def test_probe_rejects_a_module_that_computes_otherwise(native, tiny_model_dir, monkeypatch):
     """An attention class whose forward differs from the usual computation keeps its own forward."""
     from transformers.models.olmoe import modeling_olmoe as mo
