@@ -24,11 +24,33 @@ QKV_ROPE_OP = "moepager::qkv_rope"
 QKV_ROPE_INTO_OP = "moepager::qkv_rope_into"
 
 
+def _eager_reference(q, k, v, mask, scale, sinks):
+    """transformers' eager attention in q's 16-bit dtype (GPT-OSS's, sinks included): each step
+    rounded to the dtype as torch computes it."""
+    groups = q.shape[1] // k.shape[1]
+    kr, vr = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    s = torch.matmul(q, kr.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(s.dtype)
+    if sinks is not None:
+        s = torch.cat([s, sinks.to(s.dtype).reshape(1, -1, 1, 1).expand(*s.shape[:-1], 1)], dim=-1)
+    s = s - s.max(dim=-1, keepdim=True).values
+    p = torch.softmax(s, dim=-1, dtype=s.dtype)
+    if sinks is not None:
+        p = p[..., :-1]
+    return torch.matmul(p.nan_to_num(0.0), vr).transpose(1, 2).contiguous()  # [B, Tq, Hq, Dv]
+
+
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                        scale: float) -> torch.Tensor:
+                        scale: float, sinks: torch.Tensor | None = None, eager: bool = False) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v for q [B, Hq, Tq, Dk], k [B, Hkv, L, Dk], v [B, Hkv, L, Dv];
-    mask None or [1|B, 1|Hq, Tq, L], bool (True: attend) or float (added). fp32 throughout; a row
-    with every key masked gives zeros. Returns [B, Tq, Hq, Dv] in q's dtype."""
+    mask None or [1|B, 1|Hq, Tq, L], bool (True: attend) or float (added). ``sinks`` [Hq] (GPT-OSS):
+    one more logit per head in the softmax, whose share goes to no value. fp32 throughout; a row
+    with every key masked gives zeros. With ``eager`` and 16-bit inputs, every step is rounded to
+    the dtype instead, as transformers' eager attention computes (``_eager_reference``). Returns
+    [B, Tq, Hq, Dv] in q's dtype."""
+    if eager and q.dtype in (torch.bfloat16, torch.float16):
+        return _eager_reference(q, k, v, mask, scale, sinks)
     groups = q.shape[1] // k.shape[1]
     kf = k.float().repeat_interleave(groups, dim=1)  # [B, Hq, L, Dk]
     vf = v.float().repeat_interleave(groups, dim=1)  # [B, Hq, L, Dv]
@@ -36,7 +58,11 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
     dead = torch.isneginf(s.amax(dim=-1, keepdim=True))  # [B, Hq, Tq, 1]: every key masked
-    p = torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+    if sinks is not None:
+        sink = sinks.float().reshape(1, -1, 1, 1).expand(*s.shape[:-1], 1)  # [B, Hq, Tq, 1]
+        p = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :-1].masked_fill(dead, 0.0)
+    else:
+        p = torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
     return torch.matmul(p, vf).transpose(1, 2).contiguous().to(q.dtype)  # [B, Tq, Hq, Dv]
 
 
@@ -94,14 +120,15 @@ def _qkv_rope_fake(y, cos, sin, hq, hkv, q_w, k_w, eps, mode):
     return y.new_empty((B, hq, T, d)), y.new_empty((B, hkv, T, d)), y.new_empty((B, hkv, T, d))
 
 
-def _attention_fake(q, k, v, mask, scale):
+def _attention_fake(q, k, v, mask, scale, sinks=None, eager=False):
     return q.new_empty((q.shape[0], q.shape[2], q.shape[1], v.shape[3]))
 
 
 def _declare() -> None:
     if hasattr(torch.ops.moepager, "attention"):
         return  # already declared in this process
-    torch.library.define(ATTENTION_OP, "(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor")
+    torch.library.define(ATTENTION_OP, "(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, Tensor? sinks=None, "
+                         "bool eager=False) -> Tensor")
     torch.library.impl(ATTENTION_OP, "default", attention_reference)
     torch.library.register_fake(ATTENTION_OP, _attention_fake)
     torch.library.define(QKV_ROPE_OP, "(Tensor y, Tensor cos, Tensor sin, int hq, int hkv, Tensor? q_w, Tensor? k_w, "
@@ -118,14 +145,14 @@ _declare()
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-              scale: float | None = None) -> torch.Tensor:
+              scale: float | None = None, sinks: torch.Tensor | None = None, eager: bool = False) -> torch.Tensor:
     """``attention_reference``'s result, native on CPU (see the module docstring). ``scale``
     defaults to 1 / sqrt(Dk)."""
     if q.device.type == "cpu":
         native_cpu.available()  # the first CPU call builds the native kernels (once)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return torch.ops.moepager.attention(q, k, v, mask, float(scale))
+    return torch.ops.moepager.attention(q, k, v, mask, float(scale), sinks, bool(eager))
 
 
 def qkv_rope(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hq: int, hkv: int,

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import sys
 
 import torch
 from transformers import AttentionInterface, DynamicCache
@@ -44,11 +45,13 @@ from cuda_ext import NativeRMSNorm, attention, qkv_rope, qkv_rope_into
 from engine.kv_rows import GrowingLayer
 
 NAME = "moepager_sdpa"
+EAGER_NAME = "moepager_eager"  # models without SDPA support (GPT-OSS): eager masks, eager rounding, own fallback
 MAX_QUERY_TOKENS = 16  # more query tokens (prefill) is a GEMM-shaped problem: sdpa's flash kernel
 _KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MASK_DTYPES = (torch.bool, torch.float32, torch.bfloat16, torch.float16)
-# Keyword arguments under which sdpa computes something else than plain softmax attention.
-_UNSUPPORTED = ("s_aux", "sinks", "softcap", "output_attentions")
+# Keyword arguments under which sdpa computes something else than plain softmax attention
+# (``s_aux``, GPT-OSS's attention sinks, is computed natively when it is one logit per query head).
+_UNSUPPORTED = ("sinks", "softcap", "output_attentions")
 
 
 def _native(query, key, value, mask, dropout, position_bias, kwargs) -> bool:
@@ -67,6 +70,10 @@ def _native(query, key, value, mask, dropout, position_bias, kwargs) -> bool:
         return False
     if key.shape[0] != query.shape[0] or query.shape[1] % key.shape[1] != 0:
         return False
+    sinks = kwargs.get("s_aux")
+    if sinks is not None and (not isinstance(sinks, torch.Tensor) or sinks.dim() != 1
+                              or sinks.shape[0] != query.shape[1] or not sinks.is_floating_point()):
+        return False
     if mask is not None:
         if mask.dim() != 4 or mask.dtype not in _MASK_DTYPES or mask.shape[2:] != (tq, key.shape[2]):
             return False
@@ -82,29 +89,60 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     """transformers' attention-function signature: query [B, Hq, Tq, D], key/value [B, Hkv, L, D];
     returns ([B, Tq, Hq, Dv], None) as ``sdpa_attention_forward`` does."""
     if _native(query, key, value, attention_mask, dropout, position_bias, kwargs):
-        return attention(query, key, value, attention_mask, scaling), None
+        return attention(query, key, value, attention_mask, scaling, kwargs.get("s_aux")), None
+    if kwargs.get("s_aux") is not None:
+        raise ValueError("attention sinks (s_aux) of this shape need the model's own eager attention")
     if position_bias is not None:
         kwargs["position_bias"] = position_bias
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
 
 
+def _own_eager(module: torch.nn.Module):
+    """The eager attention function of ``module``'s modeling file (GPT-OSS's computes its sinks)."""
+    for cls in type(module).__mro__:
+        fn = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+        if fn is not None:
+            return fn
+    raise ValueError(f"{type(module).__name__}: no eager attention function to fall back to")
+
+
+def eager_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                            **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``EAGER_NAME``: calls the native kernel computes the same way (``_native``; eager's additive
+    float masks, attention sinks as ``s_aux``) go to it, rounding between steps as eager attention
+    does in a 16-bit dtype; every other call goes to the model's own eager function."""
+    if scaling is not None and _native(query, key, value, attention_mask, dropout, None, kwargs):
+        return attention(query, key, value, attention_mask, scaling, kwargs.get("s_aux"), eager=True), None
+    return _own_eager(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
 def register() -> None:
-    """Make ``NAME`` known to transformers (idempotent)."""
+    """Make ``NAME`` and ``EAGER_NAME`` known to transformers (idempotent)."""
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    AttentionInterface.register(EAGER_NAME, eager_attention_forward)
+    AttentionMaskInterface.register(EAGER_NAME, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
 
 
 def use_native_attention(model: torch.nn.Module) -> bool:
-    """Switch ``model`` from ``sdpa`` to ``NAME`` when it runs on the CPU; returns whether it did."""
+    """Switch ``model`` from ``sdpa`` to ``NAME`` when it runs on the CPU, or from ``eager`` to
+    ``EAGER_NAME`` when eager is all its class supports (GPT-OSS; a model that could run SDPA but was
+    asked for eager keeps it); returns whether it did."""
     config = getattr(model, "config", None)
-    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+    impl = getattr(config, "_attn_implementation", None) if config is not None else None
+    if impl == "sdpa":
+        name = NAME
+    elif impl == "eager" and getattr(model, "_supports_sdpa", True) is False:
+        name = EAGER_NAME
+    else:
         return False
     if any(p.device.type != "cpu" for p in model.parameters()):
         return False
     register()
-    model.set_attn_implementation(NAME)
-    return model.config._attn_implementation == NAME
+    model.set_attn_implementation(name)
+    return model.config._attn_implementation == name
 
 
 # -- the whole attention block at decode -------------------------------------------------------
@@ -307,5 +345,5 @@ def set_decode_blocks(model: torch.nn.Module, on: bool) -> int:
     return switched
 
 
-__all__ = ["MAX_QUERY_TOKENS", "NAME", "attention_forward", "register", "set_decode_blocks", "use_decode_blocks",
-           "use_native_attention"]
+__all__ = ["EAGER_NAME", "MAX_QUERY_TOKENS", "NAME", "attention_forward", "eager_attention_forward", "register",
+           "set_decode_blocks", "use_decode_blocks", "use_native_attention"]

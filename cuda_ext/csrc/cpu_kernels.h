@@ -55,6 +55,13 @@ struct AttnArgs {
   int64_t splits;
   float* part;
   float* part_ml;
+  // [Hq] fp32 attention-sink logits (GPT-OSS), or nullptr: one more softmax term per query head,
+  // with no value (the caller adds it when splits > 1)
+  const float* sinks;
+  // 0, or the dtype whose rounding transformers' eager attention applies between its steps (1 bf16,
+  // 2 fp16): scores, scaled scores, masked scores, scores minus the max and probabilities are
+  // rounded to it, as eager attention in that dtype does (GPT-OSS's); splits is then 1
+  int eager_round;
 };
 
 using AttnFn = void (*)(const AttnArgs&, int64_t task);  // task = (b * Hkv + g) * splits + s

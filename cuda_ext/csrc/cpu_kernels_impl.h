@@ -164,6 +164,19 @@ static inline V::R exp_neg(V::R x) {
   return V::live(x, V::mul(p, V::pow2(n)));
 }
 
+// x rounded to bf16 (code 1, to nearest even) or fp16 (code 2), returned as fp32: the rounding of
+// transformers' eager attention between its steps (AttnArgs::eager_round).
+static inline float round_to_16(float x, int code) {
+  if (code == 2) return _cvtsh_ss(_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT));
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return x;  // NaN stays NaN
+  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  float r;
+  std::memcpy(&r, &u, 4);
+  return r;
+}
+
 static inline float ld_scalar(const void* p, int code, int64_t i) {
   if (code == kS32) return static_cast<const float*>(p)[i];
   uint16_t h = static_cast<const uint16_t*>(p)[i];
@@ -460,6 +473,8 @@ static void attn_kind(const AttnArgs& a, int64_t task) {
   const float* q0 = a.q + (b * a.Hq + g * G) * a.Tq * Dk;  // the group's nq query rows, head-major
   std::vector<float> s(static_cast<size_t>(nq * L)), inv(static_cast<size_t>(nq));
   const int64_t DkV = Dk / V::N * V::N;
+  const int er = a.eager_round;
+  const float sc = er ? 1.0f : a.scale;  // eager rounding scales after rounding the dot product
   // Scores: 8 keys at a time, one vector accumulator per key, summed across lanes together; every
   // query of the group takes the block while its keys are in L1, so K is read from memory once.
   auto dots8 = [&](const float* qp, int64_t j) {
@@ -480,7 +495,7 @@ static void attn_kind(const AttnArgs& a, int64_t task) {
       }
       dots = _mm256_add_ps(dots, _mm256_load_ps(tail));
     }
-    return _mm256_mul_ps(dots, _mm256_set1_ps(a.scale));
+    return _mm256_mul_ps(dots, _mm256_set1_ps(sc));
   };
   int64_t j8 = 0;
   for (; j8 + 8 <= L; j8 += 8)
@@ -494,12 +509,14 @@ static void attn_kind(const AttnArgs& a, int64_t task) {
       for (; d < DkV; d += V::N) c0 = V::fma(ldw<KIND>(kj, d), V::ldx(qp + d), c0);
       float dot = V::sum(c0);
       for (; d < Dk; ++d) dot += wscalar<KIND>(kj, d) * qp[d];
-      s[qi * L + j] = dot * a.scale;
+      s[qi * L + j] = dot * sc;
     }
   }
   for (int64_t qi = 0; qi < nq; ++qi) {
     const int64_t h = g * G + qi / a.Tq, t = qi % a.Tq;
     float* sp = s.data() + qi * L;
+    if (er)
+      for (int64_t j = 0; j < L; ++j) sp[j] = round_to_16(round_to_16(sp[j], er) * a.scale, er);
     if (a.mask_kind != 0) {
       const int64_t mo = b * a.m_sb + h * a.m_sh + t * a.m_st + j0 * a.m_sj;
       for (int64_t j = 0; j < L; ++j) {
@@ -510,7 +527,38 @@ static void attn_kind(const AttnArgs& a, int64_t task) {
           case 3: sp[j] += ld_scalar(a.mask, kSBF16, at); break;
           default: sp[j] += ld_scalar(a.mask, kSF16, at); break;
         }
+        if (er) sp[j] = round_to_16(sp[j], er);
       }
+    }
+    if (er) {  // eager attention in a 16-bit dtype: max (sink included), rounded differences, exp,
+               // probabilities rounded to the dtype; they are final, so the output needs no scaling
+      float m = a.sinks != nullptr ? a.sinks[h] : -INFINITY;
+      for (int64_t j = 0; j < L; ++j) m = std::max(m, sp[j]);
+      if (m == -INFINITY) {
+        std::fill(sp, sp + L, 0.0f);
+        inv[qi] = 0.0f;
+        continue;
+      }
+      for (int64_t j = 0; j < L; ++j) sp[j] = round_to_16(sp[j] - m, er);
+      typename V::R sv = V::zero();
+      int64_t j = 0;
+      for (; j + V::N <= L; j += V::N) {
+        const typename V::R e = exp_neg(V::ldx(sp + j));
+        V::st(sp + j, e);
+        sv = V::add(sv, e);
+      }
+      float sum = V::sum(sv);
+      for (; j < L; ++j) {
+        sp[j] = sp[j] == -INFINITY ? 0.0f : std::exp(sp[j]);
+        sum += sp[j];
+      }
+      if (a.sinks != nullptr) sum += std::exp(round_to_16(a.sinks[h] - m, er));
+      const float rs = 1.0f / sum;
+      for (j = 0; j < L; ++j) sp[j] = round_to_16(sp[j] * rs, er);
+      mx[qi] = m;
+      sums[qi] = 1.0f;
+      inv[qi] = 1.0f;
+      continue;
     }
     float m = -INFINITY;
     for (int64_t j = 0; j < L; ++j) m = std::max(m, sp[j]);
@@ -581,7 +629,9 @@ static void attn_kind(const AttnArgs& a, int64_t task) {
   for (int64_t qi = 0; qi < nq; ++qi) {
     const int64_t h = g * G + qi / a.Tq, t = qi % a.Tq;
     float* op = a.out + ((b * a.Tq + t) * a.Hq + h) * Dv;
-    for (int64_t d = 0; d < Dv; ++d) op[d] = acc[qi * Dv + d] * inv[qi];
+    const float iv = !er && a.sinks != nullptr && mx[qi] != -INFINITY
+                         ? 1.0f / (sums[qi] + std::exp(a.sinks[h] - mx[qi])) : inv[qi];
+    for (int64_t d = 0; d < Dv; ++d) op[d] = acc[qi * Dv + d] * iv;
   }
 }
 

@@ -435,10 +435,13 @@ at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
 // Attention of Tq query tokens over a KV cache (cuda_ext/attention.py attention_reference is the
 // ground truth): q [B, Hq, Tq, Dk], k [B, Hkv, L, Dk], v [B, Hkv, L, Dv] (any strides with a unit
 // last one: the cache's prefix views are read in place), mask None or [1|B, 1|Hq, Tq, L] bool
-// (true: attend) or float (added). Returns [B, Tq, Hq, Dv] in q's dtype: the layout transformers'
-// attention functions hand back. Tasks are (batch row, KV head), split across threads.
+// (true: attend) or float (added), sinks None or [Hq] (GPT-OSS: one more logit per head in the
+// softmax, with no value); eager: round between the steps as transformers' eager attention does in
+// a 16-bit dtype (AttnArgs::eager_round). Returns [B, Tq, Hq, Dv] in q's dtype: the layout
+// transformers' attention functions hand back. Tasks are (batch row, KV head), split across threads.
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         const c10::optional<at::Tensor>& mask, double scale) {
+                         const c10::optional<at::Tensor>& mask, double scale,
+                         const c10::optional<at::Tensor>& sinks, bool eager) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: q, k, v must be 4-D [B, H, T, D]");
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), Dk = q.size(3);
   const int64_t Hkv = k.size(1), L = k.size(2), Dv = v.size(3);
@@ -476,6 +479,14 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
     a.m_sh = m.size(1) == 1 ? 0 : m.stride(1);
     a.m_st = m.stride(2); a.m_sj = m.stride(3);
   }
+  at::Tensor sk;
+  if (sinks.has_value()) {
+    TORCH_CHECK(sinks->dim() == 1 && sinks->size(0) == Hq, "attention: sinks must be [", Hq, "], got ",
+                sinks->sizes());
+    sk = sinks->to(at::kFloat).contiguous();
+    a.sinks = sk.data_ptr<float>();
+  }
+  a.eager_round = !eager || dt == at::kFloat ? 0 : dt == at::kBFloat16 ? 1 : 2;
   a.B = B; a.Hq = Hq; a.Hkv = Hkv; a.Tq = Tq; a.L = L; a.Dk = Dk; a.Dv = Dv;
   a.scale = static_cast<float>(scale);
   a.out = out.data_ptr<float>();
@@ -483,7 +494,8 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   // many-core CPU): cut each task's keys into ranges of at least kAttnMinKeys, and combine the
   // ranges' softmax sums after (as flash-decoding does).
   const int64_t tasks = B * Hkv, threads = at::get_num_threads();
-  a.splits = tasks >= threads ? 1 : std::max<int64_t>(1, std::min((threads + tasks - 1) / tasks, L / kAttnMinKeys));
+  a.splits = tasks >= threads || a.eager_round ? 1
+             : std::max<int64_t>(1, std::min((threads + tasks - 1) / tasks, L / kAttnMinKeys));
   const int64_t nq = (Hq / Hkv) * Tq, S = a.splits;
   at::Tensor part, ml;
   if (S > 1) {
@@ -516,6 +528,7 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
           const float* src = pp + ((bg * S + s) * nq + qi) * Dv;
           for (int64_t d = 0; d < Dv; ++d) op[d] += w * src[d];
         }
+        if (a.sinks != nullptr) l += std::exp(a.sinks[h] - m);
         const float inv = 1.0f / l;
         for (int64_t d = 0; d < Dv; ++d) op[d] *= inv;
       }

@@ -145,19 +145,112 @@ def test_attention_forward_matches_transformers_sdpa(native, tq, with_mask):
 
 
 def test_attention_forward_leaves_other_calls_to_sdpa(native, monkeypatch):
-    """Several query tokens without a mask (sdpa's own causal mask), dropout and sinks stay sdpa's."""
+    """Several query tokens without a mask (sdpa's own causal mask) stay sdpa's; sinks of one logit per
+    query head go to the kernel, and sinks of another shape, which sdpa cannot compute, are an error."""
     import engine.attention as ea
 
     calls = []
-    monkeypatch.setattr(ea, "attention", lambda *a: calls.append(a))
+    monkeypatch.setattr(ea, "attention", lambda *a, **k: calls.append(a))
     q, k, v = _inputs((1, 4, 2, 4, 4, 16, 16), torch.float32, seed=10)
     with torch.no_grad():
         ea.attention_forward(_Module(), q, k, v, None, scaling=0.25)
-        ea.attention_forward(_Module(), q[:, :, :1], k, v, None, scaling=0.25, s_aux=torch.zeros(4))
     assert calls == []
     with torch.no_grad():
         ea.attention_forward(_Module(), q[:, :, :1], k, v, None, scaling=0.25)
-    assert len(calls) == 1
+        ea.attention_forward(_Module(), q[:, :, :1], k, v, None, scaling=0.25, s_aux=torch.ones(4))
+    assert len(calls) == 2 and calls[0][5] is None and torch.equal(calls[1][5], torch.ones(4))
+    with pytest.raises(ValueError, match="sinks"), torch.no_grad():
+        ea.attention_forward(_Module(), q[:, :, :1], k, v, None, scaling=0.25, s_aux=torch.zeros(3))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_sinks_match_reference(native, shape, threads):
+    """GPT-OSS's attention sinks: one more logit per query head, with no value; key ranges too."""
+    q, k, v = _inputs(shape, torch.float32, seed=sum(shape))
+    sinks = torch.randn(shape[1], generator=torch.Generator().manual_seed(3)) * 3
+    mask = _mask(shape, torch.float32, 5)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for m in (None, mask) if shape[3] == 1 else (mask,):
+            _close(attention(q, k, v, m, 0.3, sinks), attention_reference(q, k, v, m, 0.3, sinks), torch.float32)
+    finally:
+        torch.set_num_threads(old)
+    # every key masked: the sink takes the whole softmax, the output is zero
+    dead = torch.zeros(1, 1, shape[3], shape[4], dtype=torch.bool)
+    assert attention(q, k, v, dead, 0.3, sinks).abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES[:4] + [(1, 64, 8, 1, 1000, 64, 64)])
+def test_eager_rounding_matches_eager_attention(native, dtype, shape):
+    """``eager=True`` rounds between the steps as transformers' eager attention does in a 16-bit dtype.
+    The dot products and the weighted values are still summed in another order, so an output element
+    may differ by an ulp: at most 0.5 % of them do (observed: none to 0.5 %)."""
+    q, k, v = _inputs(shape, dtype, seed=sum(shape) + 1)
+    sinks = (torch.randn(shape[1], generator=torch.Generator().manual_seed(4)) * 3).to(dtype)
+    keep = _mask(shape, torch.bool, 7)
+    mask = torch.where(keep, 0.0, torch.finfo(dtype).min).to(dtype)  # eager's additive mask
+    for s in (None, sinks):
+        for m in (None, mask) if shape[3] == 1 else (mask,):
+            got = attention(q, k, v, m, 0.3, s, eager=True)
+            want = attention_reference(q, k, v, m, 0.3, s, eager=True)
+            assert (got != want).float().mean() <= 0.005
+            _close(got, want, dtype)
+
+
+def test_sinks_reference_is_gpt_oss_eager():
+    """The reference's sinks and eager rounding are what GPT-OSS's own eager attention computes."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    module = _Module()
+    module.num_key_value_groups, module.training = 2, False
+    module.sinks = torch.randn(4, generator=torch.Generator().manual_seed(8))
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = _inputs((2, 4, 2, 3, 7, 8, 8), dtype, seed=4)
+        keep = _mask((2, 4, 2, 3, 7, 8, 8), torch.bool, 6)
+        mask = torch.where(keep, 0.0, torch.finfo(dtype).min).to(dtype)
+        module.sinks = module.sinks.to(dtype)
+        want, _ = eager_attention_forward(module, q, k, v, mask, scaling=0.3)
+        got = attention_reference(q, k, v, mask, 0.3, module.sinks, eager=True)
+        if dtype == torch.float32:
+            _close(got, want, dtype)
+        else:
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpt_oss_switches_to_native_eager_with_parity(native, tiny_model_dir, monkeypatch, dtype):
+    """GPT-OSS supports no SDPA: it runs ``EAGER_NAME``, whose decode steps take the kernel with the
+    sinks; greedy tokens as plain transformers' eager attention, and fp32 logits within 1e-4."""
+    from transformers import AutoModelForCausalLM
+
+    import engine.attention as ea
+
+    path = tiny_model_dir("gpt_oss")
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    assert model.config._attn_implementation == "eager"
+    assert use_native_attention(model)
+    assert model.config._attn_implementation == ea.EAGER_NAME
+    calls, real = [], ea.attention
+
+    def counted(*a, **k):
+        calls.append(a[5] is not None and k.get("eager"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(ea, "attention", counted)
+    prompt = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(12))
+    kw = {"max_new_tokens": 16, "do_sample": False, "min_new_tokens": 16, "output_logits": True,
+          "return_dict_in_generate": True}
+    with torch.no_grad():
+        got, want = model.generate(prompt, **kw), ref.generate(prompt, **kw)
+    assert len(calls) >= 15 and all(calls)  # decode steps, with the sinks, eager rounding
+    assert got.sequences.tolist() == want.sequences.tolist()
+    if dtype == torch.float32:
+        for a, b in zip(got.logits, want.logits):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
 
 
 def test_model_switch_and_parity(native, tiny_model_dir, monkeypatch):
