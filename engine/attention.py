@@ -223,7 +223,8 @@ class _DecodeBlock:
             return None
         if type(cache) is not DynamicCache or len(cache.layers) <= self.layer_idx:
             return None
-        if type(cache.layers[self.layer_idx]) not in _CACHE_LAYERS:
+        layer = cache.layers[self.layer_idx]
+        if type(layer) not in _CACHE_LAYERS:
             return None
         cos, sin = position_embeddings
         if cos.dim() != 3 or cos.shape[-1] != plan.d or cos.shape[1] != hidden.shape[1]:
@@ -231,7 +232,6 @@ class _DecodeBlock:
         y = plan.group.whole(hidden)  # [B, T, (hq + 2 hkv) d]; None on another device, at autograd, ...
         if y is None:
             return None
-        layer = cache.layers[self.layer_idx]
         room = layer.room((hidden.shape[0], plan.hkv, hidden.shape[1], plan.d), y.dtype, y.device) \
             if type(layer) is GrowingLayer else None
         if room is not None:  # k and v go straight into the cache's buffers, in the same call

@@ -530,37 +530,9 @@ static void attn_kind(const AttnArgs& a, int64_t task) {
         if (er) sp[j] = round_to_16(sp[j], er);
       }
     }
-    if (er) {  // eager attention in a 16-bit dtype: max (sink included), rounded differences, exp,
-               // probabilities rounded to the dtype; they are final, so the output needs no scaling
-      float m = a.sinks != nullptr ? a.sinks[h] : -INFINITY;
-      for (int64_t j = 0; j < L; ++j) m = std::max(m, sp[j]);
-      if (m == -INFINITY) {
-        std::fill(sp, sp + L, 0.0f);
-        inv[qi] = 0.0f;
-        continue;
-      }
-      for (int64_t j = 0; j < L; ++j) sp[j] = round_to_16(sp[j] - m, er);
-      typename V::R sv = V::zero();
-      int64_t j = 0;
-      for (; j + V::N <= L; j += V::N) {
-        const typename V::R e = exp_neg(V::ldx(sp + j));
-        V::st(sp + j, e);
-        sv = V::add(sv, e);
-      }
-      float sum = V::sum(sv);
-      for (; j < L; ++j) {
-        sp[j] = sp[j] == -INFINITY ? 0.0f : std::exp(sp[j]);
-        sum += sp[j];
-      }
-      if (a.sinks != nullptr) sum += std::exp(round_to_16(a.sinks[h] - m, er));
-      const float rs = 1.0f / sum;
-      for (j = 0; j < L; ++j) sp[j] = round_to_16(sp[j] * rs, er);
-      mx[qi] = m;
-      sums[qi] = 1.0f;
-      inv[qi] = 1.0f;
-      continue;
-    }
-    float m = -INFINITY;
+    // Eager attention in a 16-bit dtype (er): the max takes the sink in, the differences from it are
+    // rounded before the exp, and the probabilities are rounded and final (no scaling of the output).
+    float m = er && a.sinks != nullptr ? a.sinks[h] : -INFINITY;
     for (int64_t j = 0; j < L; ++j) m = std::max(m, sp[j]);
     if (m == -INFINITY) {  // every key masked (or no keys in this range)
       std::fill(sp, sp + L, 0.0f);
@@ -568,7 +540,12 @@ static void attn_kind(const AttnArgs& a, int64_t task) {
       continue;
     }
     mx[qi] = m;
-    const typename V::R mv = V::set1(m);
+    float base = m;  // what the exp subtracts
+    if (er) {
+      for (int64_t j = 0; j < L; ++j) sp[j] = round_to_16(sp[j] - m, er);
+      base = 0.0f;
+    }
+    const typename V::R mv = V::set1(base);
     typename V::R sv = V::zero();
     int64_t j = 0;
     for (; j + V::N <= L; j += V::N) {
@@ -578,9 +555,15 @@ static void attn_kind(const AttnArgs& a, int64_t task) {
     }
     float sum = V::sum(sv);
     for (; j < L; ++j) {
-      const float e = sp[j] == -INFINITY ? 0.0f : std::exp(sp[j] - m);
+      const float e = sp[j] == -INFINITY ? 0.0f : std::exp(sp[j] - base);
       sp[j] = e;
       sum += e;
+    }
+    if (er) {
+      if (a.sinks != nullptr) sum += std::exp(round_to_16(a.sinks[h] - m, er));
+      const float rs = 1.0f / sum;
+      for (j = 0; j < L; ++j) sp[j] = round_to_16(sp[j] * rs, er);
+      sum = 1.0f;
     }
     sums[qi] = sum;
     inv[qi] = 1.0f / sum;

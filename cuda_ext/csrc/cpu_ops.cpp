@@ -20,12 +20,12 @@
 #include <cmath>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 #include <tuple>
-#include <algorithm>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -547,25 +547,27 @@ float to_f(T v) { return static_cast<float>(v); }
 template <typename T>
 float round_to(float v) { return static_cast<float>(static_cast<T>(v)); }
 
+// RMSNorm of one row of H values into out; buf holds H floats.
+template <typename X, typename W, typename O>
+void rms_row(const X* x, const W* w, O* out, int64_t H, float eps, int64_t mode, float* buf) {
+  float ss = 0.0f;
+  for (int64_t k = 0; k < H; ++k) {
+    buf[k] = to_f(x[k]);
+    ss += buf[k] * buf[k];
+  }
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(H) + eps);
+  for (int64_t k = 0; k < H; ++k) {
+    const float n = buf[k] * inv;
+    if (mode == 0) out[k] = static_cast<O>(to_f(w[k]) * round_to<X>(n));
+    else out[k] = static_cast<O>(round_to<X>(to_f(w[k]) * n));
+  }
+}
+
 template <typename X, typename W, typename O>
 void rms_rows(const X* x, const W* w, O* out, int64_t rows, int64_t H, float eps, int64_t mode) {
   at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
     std::vector<float> buf(H);
-    for (int64_t r = r0; r < r1; ++r) {
-      const X* xr = x + r * H;
-      float ss = 0.0f;
-      for (int64_t k = 0; k < H; ++k) {
-        buf[k] = to_f(xr[k]);
-        ss += buf[k] * buf[k];
-      }
-      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(H) + eps);
-      O* o = out + r * H;
-      for (int64_t k = 0; k < H; ++k) {
-        const float n = buf[k] * inv;
-        if (mode == 0) o[k] = static_cast<O>(to_f(w[k]) * round_to<X>(n));
-        else o[k] = static_cast<O>(round_to<X>(to_f(w[k]) * n));
-      }
-    }
+    for (int64_t r = r0; r < r1; ++r) rms_row<X, W, O>(x + r * H, w, out + r * H, H, eps, mode, buf.data());
   });
 }
 
@@ -614,23 +616,6 @@ void rope_head(const T* x, const C* c, const C* s, T* out, int64_t D) {
     const float a = round_to<T>(xi * to_f(c[i]));
     const float b = round_to<T>(rot * to_f(s[i]));
     out[i] = static_cast<T>(a + b);
-  }
-}
-
-// RMSNorm of one row of H values into out (rms_rows' arithmetic, in its order): the q/k norms of
-// qkv_rope, whose output dtype is the input's (checked by the caller).
-template <typename X, typename W>
-void rms_row(const X* x, const W* w, X* out, int64_t H, float eps, int64_t mode, float* buf) {
-  float ss = 0.0f;
-  for (int64_t k = 0; k < H; ++k) {
-    buf[k] = to_f(x[k]);
-    ss += buf[k] * buf[k];
-  }
-  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(H) + eps);
-  for (int64_t k = 0; k < H; ++k) {
-    const float n = buf[k] * inv;
-    if (mode == 0) out[k] = static_cast<X>(to_f(w[k]) * round_to<X>(n));
-    else out[k] = static_cast<X>(round_to<X>(to_f(w[k]) * n));
   }
 }
 
@@ -707,10 +692,10 @@ std::vector<at::Tensor> qkv_rope_impl(
             using Wt = decltype(wt);
             const Wt* wp = w->data_ptr<Wt>();
             if (per_head)
-              for (int64_t h = 0; h < heads; ++h) rms_row<X, Wt>(src + h * D, wp, normed.data() + h * D, D,
+              for (int64_t h = 0; h < heads; ++h) rms_row<X, Wt, X>(src + h * D, wp, normed.data() + h * D, D,
                                                                   static_cast<float>(eps), mode, fbuf.data());
             else
-              rms_row<X, Wt>(src, wp, normed.data(), heads * D, static_cast<float>(eps), mode, fbuf.data());
+              rms_row<X, Wt, X>(src, wp, normed.data(), heads * D, static_cast<float>(eps), mode, fbuf.data());
           });
           src = normed.data();
         }
